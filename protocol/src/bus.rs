@@ -1,0 +1,297 @@
+//! What travels between gateways and room nodes over the bus.
+//!
+//! Requests are JSON. Replies and events are line-framed: a first line of
+//! metadata, then zero or more client frames, one per line. Client frames
+//! are JSON, whose encoder escapes every newline inside strings, so a raw
+//! `\n` only ever separates frames. That lets a gateway slice the frames out
+//! of the payload (`Bytes::slice`, no copy) and forward them unchanged.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::frames::ErrorCode;
+use crate::ids::{NodeId, RoomId, UserId};
+
+/// Largest reply payload a room node builds. NATS's default `max_payload`
+/// is 1 MiB; half of it leaves room for headers and a later lower limit.
+pub const MAX_REPLY_BYTES: usize = 512 * 1024;
+
+/// A command for a room's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum NodeRequest {
+    /// A connection joins a room.
+    Join {
+        /// The room.
+        room: RoomId,
+        /// The connection's user.
+        user: UserId,
+        /// The gateway holding the connection.
+        gateway: NodeId,
+        /// The connection, unique within its gateway.
+        conn: u64,
+        /// Deliver the backlog after this seq (else the last 50).
+        since: Option<u64>,
+    },
+    /// A connection leaves a room.
+    Leave {
+        /// The room.
+        room: RoomId,
+        /// The connection's user.
+        user: UserId,
+        /// The gateway holding the connection.
+        gateway: NodeId,
+        /// The connection.
+        conn: u64,
+    },
+    /// A message to sequence and persist; answered after commit.
+    Send {
+        /// The room.
+        room: RoomId,
+        /// The sender, from authentication.
+        user: UserId,
+        /// The text.
+        text: String,
+        /// The sender's id for the message.
+        client_id: String,
+    },
+    /// A page of committed messages: `after < seq < before`, newest
+    /// `limit` of them when only `before` is given, oldest otherwise.
+    History {
+        /// The room.
+        room: RoomId,
+        /// Upper bound (exclusive).
+        before: Option<u64>,
+        /// Lower bound (exclusive).
+        after: Option<u64>,
+        /// Most messages wanted.
+        limit: u32,
+    },
+}
+
+impl NodeRequest {
+    /// The room the request is about (its placement key).
+    pub fn room(&self) -> &RoomId {
+        match self {
+            Self::Join { room, .. }
+            | Self::Leave { room, .. }
+            | Self::Send { room, .. }
+            | Self::History { room, .. } => room,
+        }
+    }
+}
+
+/// The metadata line of a reply from a room node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "r", rename_all = "snake_case")]
+pub enum ReplyHead {
+    /// Join done; the frames that follow are the first part of the backlog.
+    Joined {
+        /// Last committed seq.
+        last_seq: u64,
+        /// Distinct users present.
+        members: u64,
+        /// Whether the frames reach `last_seq`; when false, fetch the rest
+        /// with `History { after }`.
+        complete: bool,
+    },
+    /// Leave done.
+    Left,
+    /// Send committed.
+    Ack {
+        /// The message's seq.
+        seq: u64,
+        /// The message's id.
+        id: String,
+        /// Whether this was a resend of an already stored message.
+        duplicate: bool,
+    },
+    /// History page; message frames follow in seq order.
+    History {
+        /// Whether more messages exist in the direction asked for.
+        has_more: bool,
+    },
+    /// This node does not own the room: refresh placement and retry.
+    NotOwner,
+    /// The command failed.
+    Error {
+        /// Contract error code.
+        code: ErrorCode,
+        /// Explanation for the client.
+        message: String,
+        /// Retry hint for retryable errors.
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// Why a bus payload could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The metadata line is not valid JSON of the expected shape.
+    #[error("bad metadata: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The payload breaks the line framing.
+    #[error("bad framing")]
+    Framing,
+}
+
+/// Encodes a reply: the head line, then each frame on its own line.
+pub fn encode_reply(head: &ReplyHead, frames: &[Bytes]) -> Bytes {
+    let head = serde_json::to_vec(head).expect("reply heads always serialise");
+    let len = head.len() + frames.iter().map(|f| f.len() + 1).sum::<usize>();
+    let mut out = BytesMut::with_capacity(len);
+    out.put_slice(&head);
+    for f in frames {
+        out.put_u8(b'\n');
+        out.put_slice(f);
+    }
+    out.freeze()
+}
+
+/// Splits a reply into its head and its frames (slices of `payload`).
+///
+/// # Errors
+/// When the head is not a valid [`ReplyHead`].
+pub fn decode_reply(payload: &Bytes) -> Result<(ReplyHead, Vec<Bytes>), DecodeError> {
+    let mut lines = split_lines(payload);
+    let head = lines.next().ok_or(DecodeError::Framing)?;
+    let head: ReplyHead = serde_json::from_slice(&head)?;
+    Ok((head, lines.filter(|l| !l.is_empty()).collect()))
+}
+
+fn split_lines(payload: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    let mut start = 0;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        match payload[start..].iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let line = payload.slice(start..start + i);
+                start += i + 1;
+                Some(line)
+            }
+            None => {
+                done = true;
+                Some(payload.slice(start..))
+            }
+        }
+    })
+}
+
+/// A room event as published on the room subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A committed message with its seq; `frame` is the client frame.
+    Message {
+        /// The message's seq.
+        seq: u64,
+        /// The `message` frame.
+        frame: Bytes,
+    },
+    /// A presence change (not sequenced); `frame` is the client frame.
+    Presence {
+        /// The `presence` frame.
+        frame: Bytes,
+    },
+}
+
+impl Event {
+    /// Encodes the event: `m <seq>\n<frame>` or `p\n<frame>`.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            Self::Message { seq, frame } => {
+                out.reserve(frame.len() + 24);
+                out.put_slice(b"m ");
+                out.put_slice(seq.to_string().as_bytes());
+                out.put_u8(b'\n');
+                out.put_slice(frame);
+            }
+            Self::Presence { frame } => {
+                out.reserve(frame.len() + 2);
+                out.put_slice(b"p\n");
+                out.put_slice(frame);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Decodes an event; the frame is a slice of `payload`.
+    ///
+    /// # Errors
+    /// When the payload is not an event.
+    pub fn decode(payload: &Bytes) -> Result<Self, DecodeError> {
+        let nl = payload.iter().position(|&b| b == b'\n').ok_or(DecodeError::Framing)?;
+        let head = &payload[..nl];
+        let frame = payload.slice(nl + 1..);
+        match head {
+            b"p" => Ok(Self::Presence { frame }),
+            [b'm', b' ', digits @ ..] => {
+                let seq = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(DecodeError::Framing)?;
+                Ok(Self::Message { seq, frame })
+            }
+            _ => Err(DecodeError::Framing),
+        }
+    }
+}
+
+/// The heartbeat a room node writes to the nodes bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    /// The node.
+    pub node: NodeId,
+    /// Random per process start, to tell a restart or a duplicate id apart.
+    pub instance: String,
+    /// Whether the node is leaving the ring.
+    pub draining: bool,
+    /// Sender's wall clock, milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_round_trip_keeps_frames_byte_identical() {
+        let frames = vec![
+            Bytes::from_static(br#"{"type":"message","text":"a\nb"}"#),
+            Bytes::from_static(br#"{"type":"message","text":"c"}"#),
+        ];
+        let head = ReplyHead::History { has_more: true };
+        let bytes = encode_reply(&head, &frames);
+        let (h, f) = decode_reply(&bytes).unwrap();
+        assert_eq!(h, head);
+        assert_eq!(f, frames);
+        let (h, f) = decode_reply(&encode_reply(&ReplyHead::Left, &[])).unwrap();
+        assert_eq!((h, f.len()), (ReplyHead::Left, 0));
+    }
+
+    #[test]
+    fn event_round_trip() {
+        let e = Event::Message { seq: 42, frame: Bytes::from_static(b"{}") };
+        assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+        let p = Event::Presence { frame: Bytes::from_static(b"{\"x\":1}") };
+        assert_eq!(Event::decode(&p.encode()).unwrap(), p);
+        assert!(Event::decode(&Bytes::from_static(b"m x\n{}")).is_err());
+        assert!(Event::decode(&Bytes::from_static(b"garbage")).is_err());
+    }
+
+    #[test]
+    fn request_json_shape() {
+        let r = NodeRequest::History {
+            room: RoomId::new("r").unwrap(),
+            before: Some(3),
+            after: None,
+            limit: 10,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<NodeRequest>(&s).unwrap(), r);
+        assert_eq!(r.room().as_str(), "r");
+    }
+}

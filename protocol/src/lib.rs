@@ -1,0 +1,18 @@
+//! The contract every chat process shares. No I/O lives here.
+//!
+//! # Layout
+//! - [`ids`]: validated room, user and node identifiers.
+//! - [`frames`]: client frames (`ClientFrame`, `ServerFrame`), error and
+//!   close codes.
+//! - [`bus`]: requests, replies and events between gateways and room nodes.
+//! - [`subjects`]: every NATS subject and bucket name, from one prefix.
+//! - [`placement`]: the consistent-hash ring that maps rooms to nodes.
+
+pub mod bus;
+pub mod frames;
+pub mod ids;
+pub mod placement;
+pub mod subjects;
+
+pub use frames::{ClientFrame, ErrorCode, Message, ServerFrame};
+pub use ids::{NodeId, RoomId, UserId};

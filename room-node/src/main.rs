@@ -1,0 +1,55 @@
+//! `chat-room-node`: parses config, starts telemetry, runs the node.
+
+use std::process::ExitCode;
+
+use chat_room_node::config::Config;
+use chat_room_node::telemetry;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad configuration (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            eprintln!("{}", e.to_string().lines().next().unwrap_or("invalid configuration"));
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("{e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    telemetry::init(config.log_format);
+    tracing::info!(config = %config.redacted(), "starting chat-room-node");
+    let listener = match tokio::net::TcpListener::bind(config.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {}: {e}", config.admin_listen);
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        signal.cancel();
+    });
+    match chat_room_node::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (chat_room_node::Error::Config(_) | chat_room_node::Error::Bus(chat_room_node::bus::BusError::Unsupported(_)))) => {
+            tracing::error!("{e}");
+            eprintln!("{e}");
+            ExitCode::from(EX_USAGE)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Who is alive: room nodes heartbeat into a key-value bucket, and every
+//! process (node or gateway) watches it and computes liveness itself from
+//! heartbeat timestamps, then builds the same placement ring. Expiry events
+//! are not relied on (servers before 2.11 send none to watchers).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use chat_protocol::bus::NodeHeartbeat;
+use chat_protocol::placement::Placement;
+use chat_protocol::subjects::Subjects;
+use chat_protocol::NodeId;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError};
+
+/// How often a node writes its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the live set is recomputed.
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+struct Seen {
+    hb: NodeHeartbeat,
+    at: Instant,
+}
+
+/// Tracks heartbeats and says which nodes are live.
+struct Liveness {
+    ttl: Duration,
+    nodes: HashMap<String, Seen>,
+}
+
+impl Liveness {
+    fn observe(&mut self, key: String, value: Option<Bytes>, now: Instant) {
+        let Some(value) = value else {
+            self.nodes.remove(&key);
+            return;
+        };
+        let Ok(hb) = serde_json::from_slice::<NodeHeartbeat>(&value) else {
+            tracing::warn!(key, "ignoring malformed heartbeat");
+            return;
+        };
+        let at = match self.nodes.get(&key) {
+            // A new timestamp from the sender: the node is alive now.
+            Some(prev) if prev.hb.ts_ms != hb.ts_ms => now,
+            Some(prev) => prev.at,
+            // First sight (possibly an old value replayed by the watch):
+            // trust its age by the wall clock, never its future.
+            None => {
+                let age = u64::try_from(now_ms().saturating_sub(hb.ts_ms)).unwrap_or(0);
+                now.checked_sub(Duration::from_millis(age)).unwrap_or(now)
+            }
+        };
+        self.nodes.insert(key, Seen { hb, at });
+    }
+
+    fn live(&self, now: Instant) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|s| !s.hb.draining && now.duration_since(s.at) < self.ttl)
+            .map(|s| s.hb.node.clone())
+            .collect()
+    }
+}
+
+/// Watches the nodes bucket and keeps a [`Placement`] of the live,
+/// non-draining nodes up to date until `cancel` fires. Survives lost
+/// watches (NATS restarts) by watching again.
+///
+/// # Errors
+/// When the bucket cannot be created at all (for example a server without
+/// JetStream).
+pub async fn watch_placement(
+    bus: Arc<dyn Bus>,
+    subjects: &Subjects,
+    ttl: Duration,
+    cancel: CancellationToken,
+) -> Result<watch::Receiver<Placement>, BusError> {
+    let bucket = subjects.nodes_bucket();
+    bus.kv_ensure(&bucket, ttl * 4).await?;
+    let (tx, rx) = watch::channel(Placement::new([]));
+    tokio::spawn(async move {
+        let mut live = Liveness { ttl, nodes: HashMap::new() };
+        let mut tick = tokio::time::interval(RECHECK);
+        while !cancel.is_cancelled() {
+            let mut stream = match bus.kv_watch(&bucket).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch node heartbeats; retrying");
+                    // The bucket may have been lost with a NATS restart.
+                    let _ = bus.kv_ensure(&bucket, ttl * 4).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    change = stream.next() => match change {
+                        Some(c) => live.observe(c.key, c.value, Instant::now()),
+                        None => break,
+                    },
+                    _ = tick.tick() => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let nodes = live.live(Instant::now());
+                let changed = {
+                    let cur = tx.borrow();
+                    let mut sorted = nodes.clone();
+                    sorted.sort();
+                    cur.nodes() != sorted.as_slice()
+                };
+                if changed {
+                    let p = Placement::new(nodes);
+                    tracing::info!(nodes = ?p.nodes(), "placement ring changed");
+                    crate::metrics::METRICS.ring_size.set(p.len() as i64);
+                    tx.send_replace(p);
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Refuses to start a node whose id is already heartbeating from another
+/// live process. A stale entry (a crashed predecessor) is waited out.
+///
+/// # Errors
+/// [`BusError::Unsupported`] naming the duplicate.
+pub async fn ensure_unique(
+    bus: &Arc<dyn Bus>,
+    subjects: &Subjects,
+    node: &NodeId,
+    instance: &str,
+    ttl: Duration,
+) -> Result<(), BusError> {
+    let bucket = subjects.nodes_bucket();
+    bus.kv_ensure(&bucket, ttl * 4).await?;
+    let mut stream = bus.kv_watch(&bucket).await?;
+    let deadline = tokio::time::Instant::now() + ttl + HEARTBEAT_INTERVAL * 2;
+    let mut stamps = Vec::new();
+    loop {
+        let next = tokio::select! {
+            c = stream.next() => c,
+            _ = tokio::time::sleep_until(deadline) => break,
+            // Nothing for our key within a short while: the id is free.
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL * 2), if stamps.is_empty() => break,
+        };
+        let Some(change) = next else { break };
+        if change.key != node.as_str() {
+            continue;
+        }
+        let Some(v) = change.value else { continue };
+        let Ok(hb) = serde_json::from_slice::<NodeHeartbeat>(&v) else { continue };
+        if hb.instance == instance || hb.draining {
+            continue;
+        }
+        if stamps.is_empty() && now_ms().saturating_sub(hb.ts_ms) > ttl.as_millis() as i64 {
+            continue;
+        }
+        stamps.push(hb.ts_ms);
+        stamps.dedup();
+        if stamps.len() >= 2 {
+            return Err(BusError::Unsupported(format!(
+                "another live room node already uses the id {node}; give each node its own CHAT_NODE_ID"
+            )));
+        }
+        tracing::info!(%node, "a previous heartbeat for this id exists; waiting to see if it is live");
+    }
+    Ok(())
+}
+
+/// Writes this node's heartbeat every [`HEARTBEAT_INTERVAL`] until
+/// `cancel`, then marks it draining and deletes it. `draining` flips the
+/// flag earlier, so peers stop routing here while buffers flush.
+pub async fn heartbeat(
+    bus: Arc<dyn Bus>,
+    subjects: Subjects,
+    node: NodeId,
+    instance: String,
+    ttl: Duration,
+    mut draining: watch::Receiver<bool>,
+    cancel: CancellationToken,
+) {
+    let bucket = subjects.nodes_bucket();
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut flag_open = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            // Announce draining at once, not at the next tick.
+            res = draining.changed(), if flag_open => flag_open = res.is_ok(),
+            _ = cancel.cancelled() => break,
+        }
+        let hb = NodeHeartbeat {
+            node: node.clone(),
+            instance: instance.clone(),
+            draining: *draining.borrow(),
+            ts_ms: now_ms(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&hb).expect("heartbeats serialise"));
+        if let Err(e) = bus.kv_put(&bucket, node.as_str(), payload).await {
+            tracing::warn!(error = %e, "heartbeat failed; recreating bucket");
+            // Best effort: the next tick tries the put again either way.
+            let _ = bus.kv_ensure(&bucket, ttl * 4).await;
+        }
+    }
+    if let Err(e) = bus.kv_delete(&bucket, node.as_str()).await {
+        tracing::warn!(error = %e, "could not delete heartbeat; peers drop it after the TTL");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(node: &str, ts: i64, draining: bool) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&NodeHeartbeat {
+                node: NodeId::new(node).unwrap(),
+                instance: "i".into(),
+                draining,
+                ts_ms: ts,
+            })
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn liveness_from_timestamps() {
+        let ttl = Duration::from_secs(5);
+        let mut l = Liveness { ttl, nodes: HashMap::new() };
+        let t0 = Instant::now();
+        l.observe("a".into(), Some(hb("a", now_ms(), false)), t0);
+        l.observe("old".into(), Some(hb("old", now_ms() - 60_000, false)), t0);
+        l.observe("d".into(), Some(hb("d", now_ms(), true)), t0);
+        assert_eq!(l.live(t0), vec![NodeId::new("a").unwrap()]);
+        // No new heartbeat for longer than the TTL: gone.
+        assert!(l.live(t0 + ttl + Duration::from_millis(1)).is_empty());
+        // A fresh heartbeat from the old node brings it back.
+        l.observe("old".into(), Some(hb("old", now_ms() + 1, false)), t0 + ttl);
+        assert_eq!(l.live(t0 + ttl).len(), 1);
+        l.observe("old".into(), None, t0 + ttl);
+        assert!(l.live(t0 + ttl).is_empty());
+    }
+}

@@ -1,0 +1,249 @@
+//! The node: takes commands from its bus inbox, checks that it owns the
+//! room on the placement ring, and hands them to the room's actor
+//! (spawning it on first use). Owns the map of running actors; nothing else
+//! touches it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_protocol::bus::{encode_reply, NodeRequest, ReplyHead};
+use chat_protocol::placement::Placement;
+use chat_protocol::subjects::Subjects;
+use chat_protocol::{ErrorCode, NodeId, RoomId};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::{Bus, BusMessage};
+use crate::membership;
+use crate::metrics::METRICS;
+use crate::room::{self, RoomCommand, RoomConfig, RoomDeps, RoomHandle};
+use crate::store::Store;
+use crate::writer;
+use crate::{Error, Result};
+
+/// Database reads (history, old backlogs) a node runs at once.
+const READ_PERMITS: usize = 32;
+
+/// Everything a node needs to serve.
+#[derive(Clone)]
+pub struct NodeSettings {
+    /// This node's id (unique among live nodes).
+    pub node_id: NodeId,
+    /// Subject names.
+    pub subjects: Subjects,
+    /// Room actor settings.
+    pub room: RoomConfig,
+    /// A node missing heartbeats this long leaves every ring.
+    pub node_ttl: Duration,
+    /// Bound on the drain at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+struct Entry {
+    handle: RoomHandle,
+    sent: u64,
+}
+
+/// Serves rooms until `shutdown` fires, then drains: marks itself
+/// draining (peers stop routing here), stops every room (each flushes its
+/// buffer), waits for them within the grace period, and deletes its
+/// heartbeat. `ready` turns true while serving.
+///
+/// # Errors
+/// When the node id is already live elsewhere or the bus refuses the
+/// subscription.
+pub async fn serve(
+    settings: NodeSettings,
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+    ready: watch::Sender<bool>,
+) -> Result<()> {
+    let instance = uuid::Uuid::new_v4().to_string();
+    let me = settings.node_id.clone();
+    membership::ensure_unique(&bus, &settings.subjects, &me, &instance, settings.node_ttl)
+        .await
+        .map_err(Error::Bus)?;
+
+    let bg = CancellationToken::new();
+    let mut placement =
+        membership::watch_placement(bus.clone(), &settings.subjects, settings.node_ttl, bg.clone())
+            .await
+            .map_err(Error::Bus)?;
+    let mut inbox = bus.subscribe(settings.subjects.node_inbox(&me)).await.map_err(Error::Bus)?;
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let hb = tokio::spawn(membership::heartbeat(
+        bus.clone(),
+        settings.subjects.clone(),
+        me.clone(),
+        instance,
+        settings.node_ttl,
+        draining_rx,
+        bg.clone(),
+    ));
+
+    let (writer, writer_task) = writer::spawn(store.clone());
+    let (idle_tx, mut idle_rx) = mpsc::channel(1024);
+    let deps = RoomDeps {
+        bus: bus.clone(),
+        store: store.clone(),
+        writer,
+        config: Arc::new(settings.room.clone()),
+        reads: Arc::new(Semaphore::new(READ_PERMITS)),
+        idle: idle_tx,
+        subjects: settings.subjects.clone(),
+    };
+    let rooms_cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut rooms: HashMap<RoomId, Entry> = HashMap::new();
+    tracing::info!(node.id = %me, "room node serving");
+    ready.send_replace(true);
+
+    loop {
+        tokio::select! {
+            msg = inbox.next() => {
+                let Some(msg) = msg else {
+                    tracing::error!("inbox subscription ended");
+                    break;
+                };
+                dispatch(&me, &placement.borrow(), &deps, &bus, &mut rooms, &tracker, &rooms_cancel, msg).await;
+            }
+            Some((room, processed)) = idle_rx.recv() => {
+                if rooms.get(&room).is_some_and(|e| e.sent == processed) {
+                    // Dropping the only sender lets the actor finish and end.
+                    rooms.remove(&room);
+                }
+            }
+            changed = placement.changed() => {
+                if changed.is_err() { break; }
+                let p = placement.borrow_and_update().clone();
+                rooms.retain(|room, e| {
+                    let keep = p.owner(room).as_ref() == Some(&me);
+                    if !keep {
+                        tracing::info!(%room, "room moved to another node; handing off");
+                        // A full mailbox still ends when the handle drops.
+                        let _ = e.handle.try_send(RoomCommand::Stop);
+                    }
+                    keep
+                });
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+
+    // Drain: leave the ring, flush every room, then stop.
+    ready.send_replace(false);
+    draining_tx.send_replace(true);
+    tracing::info!(rooms = rooms.len(), "draining: flushing every room");
+    rooms_cancel.cancel();
+    rooms.clear();
+    drop(deps);
+    tracker.close();
+    let grace = settings.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        // Commands still arriving are answered `not_owner` while rooms flush.
+        let refuse = async {
+            while let Some(msg) = inbox.next().await {
+                if let Some(to) = msg.reply {
+                    // Best effort: the gateway retries elsewhere either way.
+                    let _ = bus.publish(to, encode_reply(&ReplyHead::NotOwner, &[])).await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = refuse => tracker.wait().await,
+        }
+        // Every actor ended, so every writer handle is gone.
+        let _ = writer_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::error!(grace_secs = grace.as_secs(), "grace period over with rooms still flushing");
+    }
+    bg.cancel();
+    // The heartbeat task deletes our entry on its way out.
+    let _ = hb.await;
+    bus.drain().await;
+    tracing::info!("room node stopped");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    me: &NodeId,
+    placement: &Placement,
+    deps: &RoomDeps,
+    bus: &Arc<dyn Bus>,
+    rooms: &mut HashMap<RoomId, Entry>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    msg: BusMessage,
+) {
+    let reply = msg.reply;
+    let req: NodeRequest = match serde_json::from_slice(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            METRICS.commands.with_label_values(&["bad"]).inc();
+            let head = ReplyHead::Error {
+                code: ErrorCode::BadFrame,
+                message: format!("bad request: {e}"),
+                retry_after_ms: None,
+            };
+            answer(bus, reply, &head).await;
+            return;
+        }
+    };
+    let room = req.room().clone();
+    if placement.owner(&room).as_ref() != Some(me) {
+        METRICS.commands.with_label_values(&["not_owner"]).inc();
+        answer(bus, reply, &ReplyHead::NotOwner).await;
+        return;
+    }
+    let mut cmd = RoomCommand::Request { req, reply };
+    // Two tries: the second after replacing an actor that just ended.
+    for _ in 0..2 {
+        let entry = rooms.entry(room.clone()).or_insert_with(|| {
+            let (handle, task) = room::spawn(room.clone(), deps.clone(), cancel.clone());
+            tracker.spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "room actor failed");
+                }
+            });
+            Entry { handle, sent: 0 }
+        });
+        match entry.handle.try_send(cmd) {
+            Ok(()) => {
+                entry.sent += 1;
+                METRICS.commands.with_label_values(&["ok"]).inc();
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(RoomCommand::Request { reply, .. })) => {
+                METRICS.commands.with_label_values(&["busy"]).inc();
+                let head = ReplyHead::Error {
+                    code: ErrorCode::Overloaded,
+                    message: "room is busy; retry shortly".into(),
+                    retry_after_ms: Some(100),
+                };
+                answer(bus, reply, &head).await;
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(RoomCommand::Stop)) => return,
+            Err(mpsc::error::TrySendError::Closed(c)) => {
+                rooms.remove(&room);
+                cmd = c;
+            }
+        }
+    }
+}
+
+async fn answer(bus: &Arc<dyn Bus>, reply: Option<String>, head: &ReplyHead) {
+    if let Some(to) = reply {
+        // Best effort: an unanswered request times out at the gateway,
+        // which retries.
+        let _ = bus.publish(to, encode_reply(head, &[])).await;
+    }
+}

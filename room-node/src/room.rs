@@ -1,0 +1,758 @@
+//! The room actor: one task per active room owns every piece of the room's
+//! state (members, seq, rate limits, the buffer and its single alarm, the
+//! dedup window, the recent ring). Commands arrive on a bounded mailbox;
+//! replies go straight to the requester's reply subject on the bus.
+//!
+//! Life of a message: `send` → dedup check (before any seq is assigned, so
+//! dedup never burns a seq) → rate limit → high-water check → seq assigned,
+//! row buffered (the first buffered row arms the alarm) → the batch is due
+//! at `flush_batch` rows or when the alarm fires → handed to the node
+//! writer (one batch in flight per room keeps order) → after commit: the
+//! frame is serialised once, published on the room subject, kept in the
+//! recent ring, and the sender gets its `ack`. Nothing is broadcast or
+//! acknowledged before commit, so a seq that was never committed was never
+//! seen by anyone and may be reassigned when the database rejects a batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_protocol::bus::{encode_reply, Event, NodeRequest, ReplyHead, MAX_REPLY_BYTES};
+use chat_protocol::frames::{PresenceState, DEFAULT_BACKLOG, MAX_HISTORY_LIMIT};
+use chat_protocol::{ErrorCode, Message, NodeId, RoomId, ServerFrame, UserId};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::metrics::METRICS;
+use crate::ratelimit::{RateLimit, TokenBucket};
+use crate::store::{Page, Row, Store, StoreError};
+use crate::writer::{FlushJob, Outcome, WriterHandle};
+
+/// Commands a room actor's mailbox holds before senders are told the room
+/// is busy.
+pub const MAILBOX: usize = 4096;
+/// Most messages a join backlog reply carries; the gateway pages the rest.
+const BACKLOG_PAGE: u32 = 500;
+/// Commands taken from the mailbox per loop turn.
+const TAKE: usize = 128;
+
+/// Settings every room actor of a node shares.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    /// Max rows in one room's batch.
+    pub flush_batch: usize,
+    /// The alarm: longest a buffered message waits for its batch.
+    pub flush_interval: Duration,
+    /// Per-user send limit in this room.
+    pub rate: RateLimit,
+    /// Buffered + in-flight messages above which sends get `overloaded`.
+    pub high_water: usize,
+    /// How long an empty room (no members, nothing buffered) lives on.
+    pub idle_timeout: Duration,
+    /// Messages kept in memory for backlogs and history.
+    pub recent: usize,
+    /// `(user, client_id)` pairs remembered for dedup without the database.
+    pub dedup_window: usize,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            flush_batch: 50,
+            flush_interval: Duration::from_millis(5),
+            rate: RateLimit { per_sec: 10.0, burst: 20.0 },
+            high_water: 10_000,
+            idle_timeout: Duration::from_secs(60),
+            recent: 256,
+            dedup_window: 2048,
+        }
+    }
+}
+
+/// What the actor needs from its node.
+#[derive(Clone)]
+pub struct RoomDeps {
+    /// Replies and events.
+    pub bus: Arc<dyn Bus>,
+    /// Loads and history.
+    pub store: Arc<dyn Store>,
+    /// Group commit.
+    pub writer: WriterHandle,
+    /// Shared settings.
+    pub config: Arc<RoomConfig>,
+    /// Bounds concurrent database reads (history, old backlogs).
+    pub reads: Arc<Semaphore>,
+    /// Told when the room has been idle long enough to stop.
+    pub idle: mpsc::Sender<(RoomId, u64)>,
+    /// The room's event subject is built from this.
+    pub subjects: chat_protocol::subjects::Subjects,
+}
+
+/// A command for a room actor.
+#[derive(Debug)]
+pub enum RoomCommand {
+    /// A request from a gateway, with the subject to answer on.
+    Request {
+        /// The request.
+        req: NodeRequest,
+        /// Reply subject (absent for fire-and-forget publishes).
+        reply: Option<String>,
+    },
+    /// Stop serving: answer new requests `not_owner`, flush, then exit.
+    Stop,
+}
+
+/// The room's mailbox. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RoomHandle {
+    tx: mpsc::Sender<RoomCommand>,
+}
+
+impl RoomHandle {
+    /// Queues a command without waiting.
+    ///
+    /// # Errors
+    /// Gives the command back when the mailbox is full or the actor ended.
+    pub fn try_send(&self, cmd: RoomCommand) -> Result<(), mpsc::error::TrySendError<RoomCommand>> {
+        self.tx.try_send(cmd)
+    }
+}
+
+/// Counters the unit tests read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RoomStats {
+    /// Times the alarm was armed.
+    pub alarms_armed: u64,
+    /// Batches handed to the writer.
+    pub batches: u64,
+}
+
+struct Pending {
+    row: Row,
+    replies: Vec<String>,
+}
+
+struct InFlight {
+    replies: Vec<Vec<String>>,
+    done: oneshot::Receiver<(Vec<Row>, Outcome)>,
+}
+
+/// Spawns the actor for `room`; returns its handle and its task.
+pub fn spawn(
+    room: RoomId,
+    deps: RoomDeps,
+    cancel: CancellationToken,
+) -> (RoomHandle, tokio::task::JoinHandle<RoomStats>) {
+    let (tx, rx) = mpsc::channel(MAILBOX);
+    let actor = RoomActor::new(room, deps, rx);
+    let task = tokio::spawn(actor.run(cancel));
+    (RoomHandle { tx }, task)
+}
+
+struct RoomActor {
+    room: RoomId,
+    deps: RoomDeps,
+    rx: mpsc::Receiver<RoomCommand>,
+    events_subject: String,
+    last_seq: u64,
+    next_seq: u64,
+    members: HashMap<(NodeId, u64), UserId>,
+    user_conns: HashMap<UserId, u32>,
+    buffer: VecDeque<Pending>,
+    inflight: Option<InFlight>,
+    alarm: Option<Instant>,
+    alarm_fired: bool,
+    dedup: HashMap<(UserId, String), (u64, String)>,
+    dedup_order: VecDeque<(UserId, String)>,
+    pending_keys: HashMap<(UserId, String), u64>,
+    recent: VecDeque<(u64, Bytes)>,
+    buckets: HashMap<UserId, TokenBucket>,
+    stopping: bool,
+    processed: u64,
+    idle_since: Option<Instant>,
+    stats: RoomStats,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RoomActor {
+    fn new(room: RoomId, deps: RoomDeps, rx: mpsc::Receiver<RoomCommand>) -> Self {
+        let events_subject = deps.subjects.room_events(&room);
+        Self {
+            room,
+            deps,
+            rx,
+            events_subject,
+            last_seq: 0,
+            next_seq: 1,
+            members: HashMap::new(),
+            user_conns: HashMap::new(),
+            buffer: VecDeque::new(),
+            inflight: None,
+            alarm: None,
+            alarm_fired: false,
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            pending_keys: HashMap::new(),
+            recent: VecDeque::new(),
+            buckets: HashMap::new(),
+            stopping: false,
+            processed: 0,
+            idle_since: None,
+            stats: RoomStats::default(),
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) -> RoomStats {
+        METRICS.active_rooms.inc();
+        self.load().await;
+        let mut cmds = Vec::with_capacity(TAKE);
+        loop {
+            self.maybe_submit();
+            if self.stopping && self.buffer.is_empty() && self.inflight.is_none() {
+                break;
+            }
+            self.update_idle();
+            let alarm = self.alarm;
+            let idle_at = self.idle_since.map(|t| t + self.deps.config.idle_timeout);
+            tokio::select! {
+                n = self.rx.recv_many(&mut cmds, TAKE), if !self.stopping || !self.rx.is_closed() => {
+                    if n == 0 {
+                        // The node dropped our handle: flush and end.
+                        self.stopping = true;
+                        continue;
+                    }
+                    for cmd in cmds.drain(..) {
+                        self.processed += 1;
+                        self.handle(cmd).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(alarm.unwrap_or_else(Instant::now)), if alarm.is_some() => {
+                    self.alarm = None;
+                    self.alarm_fired = true;
+                }
+                res = async { (&mut self.inflight.as_mut().expect("guarded").done).await }, if self.inflight.is_some() => {
+                    let inflight = self.inflight.take().expect("guarded");
+                    match res {
+                        Ok((rows, Outcome::Committed { ts_ms })) => self.committed(rows, inflight.replies, ts_ms).await,
+                        Ok((rows, Outcome::Rejected { reason })) => self.reconcile(rows, inflight.replies, &reason).await,
+                        Err(_) => {
+                            // The writer is gone: only happens at process exit.
+                            tracing::error!(room = %self.room, "writer stopped with a batch in flight");
+                            break;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() && !self.stopping => {
+                    self.idle_since = None;
+                    // If the node is busy it will ask again later.
+                    let _ = self.deps.idle.try_send((self.room.clone(), self.processed));
+                }
+                _ = cancel.cancelled(), if !self.stopping => {
+                    self.stopping = true;
+                }
+            }
+        }
+        METRICS.active_rooms.dec();
+        METRICS.members.sub(self.members.len() as i64);
+        self.stats
+    }
+
+    /// Loads `last_seq`, the recent ring and the dedup window, retrying
+    /// while the database is unavailable (commands wait in the mailbox).
+    async fn load(&mut self) {
+        let cfg = self.deps.config.clone();
+        let mut delay = Duration::from_millis(50);
+        let snap = loop {
+            match self.deps.store.load_room(&self.room, cfg.recent as u32, cfg.dedup_window as u32).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(room = %self.room, error = %e, "cannot load room; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        self.last_seq = snap.last_seq;
+        self.next_seq = snap.last_seq + 1;
+        for m in snap.recent {
+            let seq = m.seq;
+            self.push_recent(seq, ServerFrame::Message(m).to_bytes());
+        }
+        for (user, cid, seq, id) in snap.dedup {
+            self.remember(user, cid, seq, id);
+        }
+    }
+
+    fn update_idle(&mut self) {
+        let idle = self.members.is_empty() && self.buffer.is_empty() && self.inflight.is_none();
+        match (idle, self.idle_since) {
+            (true, None) => self.idle_since = Some(Instant::now()),
+            (false, Some(_)) => self.idle_since = None,
+            _ => {}
+        }
+    }
+
+    async fn handle(&mut self, cmd: RoomCommand) {
+        let (req, reply) = match cmd {
+            RoomCommand::Stop => {
+                self.stopping = true;
+                return;
+            }
+            RoomCommand::Request { req, reply } => (req, reply),
+        };
+        if self.stopping {
+            self.reply(reply, &ReplyHead::NotOwner, &[]).await;
+            return;
+        }
+        match req {
+            NodeRequest::Send { user, text, client_id, .. } => {
+                self.on_send(user, text, client_id, reply).await;
+            }
+            NodeRequest::Join { user, gateway, conn, since, .. } => {
+                self.on_join(user, gateway, conn, since, reply).await;
+            }
+            NodeRequest::Leave { user, gateway, conn, .. } => {
+                self.on_leave(&gateway, conn, &user).await;
+                self.reply(reply, &ReplyHead::Left, &[]).await;
+            }
+            NodeRequest::History { before, after, limit, .. } => {
+                self.on_history(Page { before, after, limit: limit.clamp(1, MAX_HISTORY_LIMIT.max(BACKLOG_PAGE)) }, reply).await;
+            }
+        }
+    }
+
+    async fn reply(&self, to: Option<String>, head: &ReplyHead, frames: &[Bytes]) {
+        if let Some(to) = to {
+            if let Err(e) = self.deps.bus.publish(to, encode_reply(head, frames)).await {
+                tracing::warn!(room = %self.room, error = %e, "reply lost; the gateway will retry");
+            }
+        }
+    }
+
+    async fn error(&self, to: Option<String>, code: ErrorCode, message: &str, retry: Option<Duration>) {
+        let head = ReplyHead::Error { code, message: message.to_owned(), retry_after_ms: retry.map(ms) };
+        self.reply(to, &head, &[]).await;
+    }
+
+    async fn on_send(&mut self, user: UserId, text: String, client_id: String, reply: Option<String>) {
+        let key = (user, client_id);
+        if let Some((seq, id)) = self.dedup.get(&key) {
+            METRICS.duplicates.inc();
+            let head = ReplyHead::Ack { seq: *seq, id: id.clone(), duplicate: true };
+            self.reply(reply, &head, &[]).await;
+            return;
+        }
+        if let Some(&seq) = self.pending_keys.get(&key) {
+            // A resend of a message not yet committed: answer both at commit.
+            METRICS.duplicates.inc();
+            if let Some(to) = reply {
+                self.attach_reply(seq, to);
+            }
+            return;
+        }
+        let cfg = self.deps.config.clone();
+        if !cfg.rate.disabled() {
+            let now = Instant::now();
+            let bucket = self.buckets.entry(key.0.clone()).or_insert_with(|| TokenBucket::new(cfg.rate, now));
+            if let Err(wait) = bucket.take(cfg.rate, now) {
+                METRICS.rate_limited.inc();
+                self.error(reply, ErrorCode::RateLimited, "too many messages; slow down", Some(wait)).await;
+                return;
+            }
+            if self.buckets.len() > 4096 {
+                self.buckets.retain(|_, b| !b.is_full(cfg.rate, now));
+            }
+        }
+        let in_flight = self.inflight.as_ref().map_or(0, |f| f.replies.len());
+        if self.buffer.len() + in_flight >= cfg.high_water {
+            METRICS.overloaded.inc();
+            let retry = Some(Duration::from_millis(500));
+            self.error(reply, ErrorCode::Overloaded, "room is overloaded; retry shortly", retry).await;
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let (user, client_id) = key;
+        self.pending_keys.insert((user.clone(), client_id.clone()), seq);
+        let row = Row { seq, id: uuid::Uuid::now_v7().to_string(), user, text, client_id };
+        if self.buffer.is_empty() && self.alarm.is_none() && !self.alarm_fired {
+            self.alarm = Some(Instant::now() + cfg.flush_interval);
+            self.stats.alarms_armed += 1;
+            METRICS.alarms_armed.inc();
+        }
+        self.buffer.push_back(Pending { row, replies: reply.into_iter().collect() });
+        METRICS.buffered_messages.inc();
+    }
+
+    fn attach_reply(&mut self, seq: u64, to: String) {
+        if let Some(front) = self.buffer.front().map(|p| p.row.seq) {
+            if seq >= front {
+                if let Some(p) = self.buffer.get_mut((seq - front) as usize) {
+                    p.replies.push(to);
+                    return;
+                }
+            }
+        }
+        if let Some(f) = &mut self.inflight {
+            // In-flight rows are the ones just below the buffer.
+            let first = self.next_seq - self.buffer.len() as u64 - f.replies.len() as u64;
+            if let Some(r) = f.replies.get_mut((seq - first) as usize) {
+                r.push(to);
+            }
+        }
+    }
+
+    /// Hands a due batch to the writer when none is in flight.
+    fn maybe_submit(&mut self) {
+        if self.inflight.is_some() || self.buffer.is_empty() {
+            return;
+        }
+        let cfg = &self.deps.config;
+        let due = self.alarm_fired || self.stopping || self.buffer.len() >= cfg.flush_batch;
+        if !due {
+            return;
+        }
+        let n = self.buffer.len().min(cfg.flush_batch);
+        let (tx, rx) = oneshot::channel();
+        let mut rows = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(n);
+        for p in self.buffer.drain(..n) {
+            rows.push(p.row);
+            replies.push(p.replies);
+        }
+        match self.deps.writer.submit(FlushJob { room: self.room.clone(), rows, done: tx }) {
+            Ok(()) => {
+                self.stats.batches += 1;
+                self.inflight = Some(InFlight { replies, done: rx });
+                if self.buffer.is_empty() {
+                    self.alarm = None;
+                    self.alarm_fired = false;
+                } else if !self.alarm_fired && self.alarm.is_none() {
+                    // Rows left behind wait at most one more interval.
+                    self.alarm = Some(Instant::now() + cfg.flush_interval);
+                    self.stats.alarms_armed += 1;
+                    METRICS.alarms_armed.inc();
+                }
+            }
+            Err(job) => {
+                // The writer's queue is full: put the rows back in order and
+                // try again when the alarm fires.
+                for (row, replies) in job.rows.into_iter().zip(replies).rev() {
+                    self.buffer.push_front(Pending { row, replies });
+                }
+                self.alarm_fired = false;
+                self.alarm = Some(Instant::now() + cfg.flush_interval);
+            }
+        }
+    }
+
+    async fn committed(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, ts_ms: i64) {
+        METRICS.buffered_messages.sub(rows.len() as i64);
+        for (row, replies) in rows.into_iter().zip(replies) {
+            let Row { seq, id, user, text, client_id } = row;
+            self.pending_keys.remove(&(user.clone(), client_id.clone()));
+            let msg = Message { room: self.room.clone(), seq, id, user, text, ts: ts_ms, client_id };
+            self.publish_committed(msg, replies, false).await;
+        }
+    }
+
+    /// Broadcasts one committed message and answers its senders.
+    async fn publish_committed(&mut self, msg: Message, replies: Vec<String>, duplicate: bool) {
+        let seq = msg.seq;
+        let key = (msg.user.clone(), msg.client_id.clone());
+        let id = msg.id.clone();
+        let frame = ServerFrame::Message(msg).to_bytes();
+        let event = Event::Message { seq, frame: frame.clone() }.encode();
+        if let Err(e) = self.deps.bus.publish(self.events_subject.clone(), event).await {
+            // Gateways repair the gap from history when the next event or
+            // their tail check shows it.
+            tracing::warn!(room = %self.room, seq, error = %e, "event publish failed");
+        }
+        self.push_recent(seq, frame);
+        self.last_seq = self.last_seq.max(seq);
+        self.remember(key.0, key.1, seq, id.clone());
+        let head = ReplyHead::Ack { seq, id, duplicate };
+        for to in replies {
+            self.reply(Some(to), &head, &[]).await;
+        }
+    }
+
+    /// The database refused a batch: find out what it already holds (a
+    /// commit that did land, a rival owner's rows, or resends older than
+    /// the dedup window), publish and answer those, and renumber the rest
+    /// after the true `last_seq`. Nothing of ours was shown before, so the
+    /// renumbering is invisible.
+    async fn reconcile(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, reason: &str) {
+        tracing::warn!(room = %self.room, reason, "reconciling a rejected batch with the database");
+        let mut pending: VecDeque<Pending> =
+            rows.into_iter().zip(replies).map(|(row, replies)| Pending { row, replies }).collect();
+        pending.extend(self.buffer.drain(..));
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.try_reconcile(&mut pending).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(room = %self.room, error = %e, "reconcile failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Renumber what is left after the true last seq.
+        self.next_seq = self.last_seq + 1;
+        self.pending_keys.clear();
+        for p in &mut pending {
+            p.row.seq = self.next_seq;
+            self.next_seq += 1;
+            self.pending_keys.insert((p.row.user.clone(), p.row.client_id.clone()), p.row.seq);
+        }
+        self.buffer = pending;
+        self.alarm_fired = !self.buffer.is_empty();
+    }
+
+    async fn try_reconcile(&mut self, pending: &mut VecDeque<Pending>) -> Result<(), StoreError> {
+        // 1. Everything committed after what we know, in order.
+        loop {
+            let page = Page { before: None, after: Some(self.last_seq), limit: 500 };
+            let (msgs, more) = self.deps.store.history(&self.room, page).await?;
+            for m in msgs {
+                let key = (m.user.clone(), m.client_id.clone());
+                let mine = pending.iter().position(|p| (p.row.user.clone(), p.row.client_id.clone()) == key);
+                let replies = mine.and_then(|i| pending.remove(i)).map(|p| p.replies).unwrap_or_default();
+                if mine.is_some() {
+                    METRICS.buffered_messages.dec();
+                }
+                self.publish_committed(m, replies, false).await;
+            }
+            if !more {
+                break;
+            }
+        }
+        // 2. Resends of messages older than the dedup window.
+        let keys: Vec<(UserId, String)> =
+            pending.iter().map(|p| (p.row.user.clone(), p.row.client_id.clone())).collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        for (user, cid, seq, id) in self.deps.store.find_client_ids(&self.room, &keys).await? {
+            if let Some(i) = pending.iter().position(|p| p.row.user == user && p.row.client_id == cid) {
+                let p = pending.remove(i).expect("index from position");
+                METRICS.buffered_messages.dec();
+                METRICS.duplicates.inc();
+                let head = ReplyHead::Ack { seq, id: id.clone(), duplicate: true };
+                for to in p.replies {
+                    self.reply(Some(to), &head, &[]).await;
+                }
+                self.remember(user, cid, seq, id);
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, user: UserId, cid: String, seq: u64, id: String) {
+        let key = (user, cid);
+        if self.dedup.insert(key.clone(), (seq, id)).is_none() {
+            self.dedup_order.push_back(key);
+        }
+        while self.dedup_order.len() > self.deps.config.dedup_window {
+            if let Some(old) = self.dedup_order.pop_front() {
+                self.dedup.remove(&old);
+            }
+        }
+    }
+
+    fn push_recent(&mut self, seq: u64, frame: Bytes) {
+        if self.recent.back().is_some_and(|(s, _)| *s >= seq) {
+            return;
+        }
+        if self.recent.back().is_some_and(|(s, _)| *s + 1 != seq) {
+            // Keep the ring contiguous so coverage checks stay simple.
+            self.recent.clear();
+        }
+        self.recent.push_back((seq, frame));
+        while self.recent.len() > self.deps.config.recent {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Frames with `after < seq < before` from the ring, oldest first, when
+    /// the ring covers the whole range.
+    fn from_ring(&self, after: u64, before: u64) -> Option<Vec<Bytes>> {
+        if before <= after + 1 {
+            return Some(Vec::new());
+        }
+        let first = self.recent.front()?.0;
+        if after + 1 < first {
+            return None;
+        }
+        let start = (after + 1 - first) as usize;
+        let end = ((before - first) as usize).min(self.recent.len());
+        Some(self.recent.range(start..end.max(start)).map(|(_, f)| f.clone()).collect())
+    }
+
+    async fn on_join(&mut self, user: UserId, gateway: NodeId, conn: u64, since: Option<u64>, reply: Option<String>) {
+        if self.members.insert((gateway, conn), user.clone()).is_none() {
+            METRICS.members.inc();
+            let n = self.user_conns.entry(user.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                self.presence(user, PresenceState::Join).await;
+            }
+        }
+        let last = self.last_seq;
+        let members = self.user_conns.len() as u64;
+        let (after, limit) = match since {
+            Some(s) => (s.min(last), BACKLOG_PAGE),
+            None => (last.saturating_sub(u64::from(DEFAULT_BACKLOG)), DEFAULT_BACKLOG),
+        };
+        let before = (after + u64::from(limit)).min(last) + 1;
+        if let Some(frames) = self.from_ring(after, before) {
+            let (frames, complete) = cap_frames(frames, before - 1 == last);
+            let head = ReplyHead::Joined { last_seq: last, members, complete };
+            self.reply(reply, &head, &frames).await;
+            return;
+        }
+        let page = Page { before: Some(before), after: Some(after), limit };
+        self.read_from_db(reply, page, move |frames, _| {
+            let (frames, complete) = cap_frames(frames, before - 1 == last);
+            (ReplyHead::Joined { last_seq: last, members, complete }, frames)
+        });
+    }
+
+    async fn on_leave(&mut self, gateway: &NodeId, conn: u64, user: &UserId) {
+        if self.members.remove(&(gateway.clone(), conn)).is_some() {
+            METRICS.members.dec();
+            if let Some(n) = self.user_conns.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    self.user_conns.remove(user);
+                    self.presence(user.clone(), PresenceState::Leave).await;
+                }
+            }
+        }
+    }
+
+    async fn presence(&self, user: UserId, state: PresenceState) {
+        let frame = ServerFrame::Presence { room: self.room.clone(), user, state }.to_bytes();
+        // Presence is best effort (not sequenced); a lost one is corrected
+        // by the next join's member count.
+        let _ = self.deps.bus.publish(self.events_subject.clone(), Event::Presence { frame }.encode()).await;
+    }
+
+    async fn on_history(&mut self, page: Page, reply: Option<String>) {
+        let last = self.last_seq;
+        let before = page.before.map_or(last + 1, |b| b.min(last + 1));
+        let (after, forward) = match page.after {
+            Some(a) => (a, true),
+            None => (before.saturating_sub(u64::from(page.limit) + 1), false),
+        };
+        let end = if forward { (after + u64::from(page.limit) + 1).min(before) } else { before };
+        // Seqs start at 1 and have no gaps, so whether more exist follows
+        // from the bounds alone.
+        let has_more = if forward { end < before } else { after > 0 };
+        if let Some(frames) = self.from_ring(after, end) {
+            let (frames, capped) = cap_frames_dir(frames, forward);
+            let head = ReplyHead::History { has_more: has_more || capped };
+            self.reply(reply, &head, &frames).await;
+            return;
+        }
+        let db_page = Page { before: Some(before), after: page.after, limit: page.limit };
+        self.read_from_db(reply, db_page, move |frames, more| {
+            let (frames, capped) = cap_frames_dir(frames, forward);
+            (ReplyHead::History { has_more: more || capped }, frames)
+        });
+    }
+
+    /// Answers from the database in a separate task so the room keeps
+    /// serving; bounded by the node's read permits.
+    fn read_from_db<F>(&self, reply: Option<String>, page: Page, build: F)
+    where
+        F: FnOnce(Vec<Bytes>, bool) -> (ReplyHead, Vec<Bytes>) + Send + 'static,
+    {
+        let Some(to) = reply else { return };
+        let bus = self.deps.bus.clone();
+        let store = self.deps.store.clone();
+        let room = self.room.clone();
+        let Ok(permit) = self.deps.reads.clone().try_acquire_owned() else {
+            let head = ReplyHead::Error {
+                code: ErrorCode::Overloaded,
+                message: "too many history reads; retry shortly".into(),
+                retry_after_ms: Some(200),
+            };
+            tokio::spawn(async move {
+                // Best effort: the gateway times out and retries otherwise.
+                let _ = bus.publish(to, encode_reply(&head, &[])).await;
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (head, frames) = match store.history(&room, page).await {
+                Ok((msgs, more)) => {
+                    let frames = msgs.into_iter().map(|m| ServerFrame::Message(m).to_bytes()).collect();
+                    build(frames, more)
+                }
+                Err(e) => {
+                    tracing::warn!(%room, error = %e, "history read failed");
+                    let head = ReplyHead::Error {
+                        code: ErrorCode::Unavailable,
+                        message: "history is unavailable; retry shortly".into(),
+                        retry_after_ms: Some(1000),
+                    };
+                    (head, Vec::new())
+                }
+            };
+            // Best effort: the gateway times out and retries otherwise.
+            let _ = bus.publish(to, encode_reply(&head, &frames)).await;
+        });
+    }
+}
+
+/// Keeps the oldest frames that fit in one reply; `complete` stays true only
+/// when nothing was cut.
+fn cap_frames(mut frames: Vec<Bytes>, complete: bool) -> (Vec<Bytes>, bool) {
+    let mut total = 256;
+    for (i, f) in frames.iter().enumerate() {
+        total += f.len() + 1;
+        if total > MAX_REPLY_BYTES {
+            frames.truncate(i);
+            return (frames, false);
+        }
+    }
+    (frames, complete)
+}
+
+/// Caps a history page in bytes, keeping the side nearest the cursor: the
+/// oldest for forward pages, the newest for backward ones. Says whether it
+/// cut anything.
+fn cap_frames_dir(mut frames: Vec<Bytes>, forward: bool) -> (Vec<Bytes>, bool) {
+    let mut total = 256;
+    let n = frames.len();
+    let mut keep = 0;
+    for i in 0..n {
+        let f = if forward { &frames[i] } else { &frames[n - 1 - i] };
+        total += f.len() + 1;
+        if total > MAX_REPLY_BYTES {
+            break;
+        }
+        keep += 1;
+    }
+    if keep == n {
+        return (frames, false);
+    }
+    if forward {
+        frames.truncate(keep);
+    } else {
+        frames.drain(..n - keep);
+    }
+    (frames, true)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! [`Store`] on Postgres: group commits insert every row of every room in
+//! one statement with array parameters (`UNNEST`), so a commit is one round
+//! trip whatever its size and never nears the 65535-parameter limit.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_protocol::{Message, RoomId, UserId};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Row as _};
+
+use super::{finish_page, to_message, to_seq, Page, Result, RoomRows, Snapshot, Store, StoreError};
+
+const PAGE_FORWARD: &str = "SELECT seq, id, user_id, body, client_id, \
+    (extract(epoch FROM created_at) * 1000)::int8 FROM messages \
+    WHERE room = $1 AND seq > $2 AND seq < $3 ORDER BY seq ASC LIMIT $4";
+const PAGE_BACKWARD: &str = "SELECT seq, id, user_id, body, client_id, \
+    (extract(epoch FROM created_at) * 1000)::int8 FROM messages \
+    WHERE room = $1 AND seq > $2 AND seq < $3 ORDER BY seq DESC LIMIT $4";
+
+/// Postgres storage.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// Sorts sqlx errors into retryable and not. Data and constraint errors
+/// (SQLSTATE classes 22 and 23) are the rows' fault; everything else
+/// (connections, pool, shutdown, resources, serialization) may pass.
+pub(crate) fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            if code.starts_with("22") || code.starts_with("23") {
+                StoreError::Rejected(e.to_string())
+            } else {
+                StoreError::Unavailable(e.to_string())
+            }
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+impl PgStore {
+    /// Connects (retrying with a logged error while the database is down)
+    /// and runs the migrations.
+    ///
+    /// # Errors
+    /// When the URL is malformed or the migrations fail.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let opts: PgConnectOptions =
+            url.parse().map_err(|e| StoreError::Rejected(format!("bad database URL: {e}")))?;
+        let mut delay = Duration::from_millis(200);
+        let pool = loop {
+            match PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts.clone())
+                .await
+            {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach Postgres; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> Result<()> {
+        let n: usize = batches.iter().map(|b| b.rows.len()).sum();
+        let mut rooms = Vec::with_capacity(n);
+        let mut seqs = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        let mut users = Vec::with_capacity(n);
+        let mut bodies = Vec::with_capacity(n);
+        let mut cids = Vec::with_capacity(n);
+        for b in batches {
+            for r in b.rows {
+                rooms.push(b.room.as_str());
+                seqs.push(r.seq as i64);
+                ids.push(r.id.as_str());
+                users.push(r.user.as_str());
+                bodies.push(r.text.as_str());
+                cids.push(r.client_id.as_str());
+            }
+        }
+        sqlx::query(
+            "INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) \
+             SELECT r, s, i, u, b, c, to_timestamp($7::float8 / 1000) \
+             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+             AS t(r, s, i, u, b, c)",
+        )
+        .bind(&rooms)
+        .bind(&seqs)
+        .bind(&ids)
+        .bind(&users)
+        .bind(&bodies)
+        .bind(&cids)
+        .bind(ts_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn load_room(&self, room: &RoomId, recent: u32, dedup: u32) -> Result<Snapshot> {
+        let (recent, _) = self.history(room, Page { before: None, after: None, limit: recent }).await?;
+        let last_seq: Option<i64> =
+            sqlx::query_scalar("SELECT max(seq) FROM messages WHERE room = $1")
+                .bind(room.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+        let rows = sqlx::query(
+            "SELECT user_id, client_id, seq, id FROM messages WHERE room = $1 \
+             ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(room.as_str())
+        .bind(i64::from(dedup))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for r in rows.into_iter().rev() {
+            let user: String = r.get(0);
+            if let Ok(user) = UserId::new(&user) {
+                keys.push((user, r.get(1), to_seq(r.get(2)), r.get(3)));
+            }
+        }
+        Ok(Snapshot { last_seq: to_seq(last_seq.unwrap_or(0)), recent, dedup: keys })
+    }
+
+    async fn history(&self, room: &RoomId, page: Page) -> Result<(Vec<Message>, bool)> {
+        let upper = page.before.map_or(i64::MAX, |b| b as i64);
+        let (sql, lower) = match page.after {
+            Some(a) => (PAGE_FORWARD, a as i64),
+            None => (PAGE_BACKWARD, 0),
+        };
+        let rows = sqlx::query(sql)
+            .bind(room.as_str())
+            .bind(lower)
+            .bind(upper)
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        let msgs = rows
+            .into_iter()
+            .map(|r| to_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(finish_page(msgs, page))
+    }
+
+    async fn find_client_ids(
+        &self,
+        room: &RoomId,
+        keys: &[(UserId, String)],
+    ) -> Result<Vec<(UserId, String, u64, String)>> {
+        let users: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let cids: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT m.user_id, m.client_id, m.seq, m.id FROM messages m \
+             JOIN UNNEST($2::text[], $3::text[]) AS k(u, c) \
+               ON m.user_id = k.u AND m.client_id = k.c \
+             WHERE m.room = $1",
+        )
+        .bind(room.as_str())
+        .bind(&users)
+        .bind(&cids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let user: String = r.get(0);
+                Some((UserId::new(&user).ok()?, r.get(1), to_seq(r.get(2)), r.get(3)))
+            })
+            .collect())
+    }
+
+    async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}

@@ -1,0 +1,148 @@
+//! The node writer: one group commit at a time. As soon as the previous
+//! commit returns it takes every batch that became due meanwhile, from
+//! every room, and commits them in one transaction. Under load batches fill
+//! by themselves; when quiet, each room's alarm bounds the wait.
+//!
+//! A database failure is retried with capped exponential backoff, forever:
+//! the rows stay in order and nothing is dropped. When the database rejects
+//! a group (a constraint or a value), each room is committed alone so one
+//! room's bad rows never fail the others; the rejected room gets its rows
+//! back to reconcile.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_protocol::RoomId;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::membership::now_ms;
+use crate::metrics::METRICS;
+use crate::store::{Row, RoomRows, Store, StoreError};
+
+/// Most room batches in one group commit.
+const MAX_JOBS_PER_COMMIT: usize = 256;
+/// First retry delay after a database failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Batches that may wait for the writer: one per active room at most, as a
+/// room has a single batch in flight.
+pub const QUEUE: usize = 65_536;
+
+/// What happened to a room's batch.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Committed with `created_at = ts_ms`.
+    Committed {
+        /// The commit time given to every row.
+        ts_ms: i64,
+    },
+    /// The database refused the rows; the room must reconcile and resubmit.
+    Rejected {
+        /// The database's reason.
+        reason: String,
+    },
+}
+
+/// One room's batch, handed to the writer.
+#[derive(Debug)]
+pub struct FlushJob {
+    /// The room.
+    pub room: RoomId,
+    /// Its rows, in seq order.
+    pub rows: Vec<Row>,
+    /// Gets the rows back with the outcome.
+    pub done: oneshot::Sender<(Vec<Row>, Outcome)>,
+}
+
+/// Submits batches to the writer.
+#[derive(Debug, Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<FlushJob>,
+}
+
+impl WriterHandle {
+    /// Queues a batch without waiting.
+    ///
+    /// # Errors
+    /// Gives the job back when the queue is full or the writer stopped.
+    pub fn submit(&self, job: FlushJob) -> Result<(), FlushJob> {
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+        })
+    }
+}
+
+/// Starts the writer; it ends when every handle is dropped and the queue
+/// is empty.
+pub fn spawn(store: Arc<dyn Store>) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let task = tokio::spawn(run(store, rx));
+    (WriterHandle { tx }, task)
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<FlushJob>) {
+    let mut jobs = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
+    while rx.recv_many(&mut jobs, MAX_JOBS_PER_COMMIT).await > 0 {
+        commit_group(&*store, &mut jobs).await;
+    }
+}
+
+/// Commits `jobs` together, retrying while the database is unavailable;
+/// isolates rooms when it rejects the group. Answers every job.
+async fn commit_group(store: &dyn Store, jobs: &mut Vec<FlushJob>) {
+    match commit_retrying(store, jobs).await {
+        Ok(ts_ms) => {
+            for job in jobs.drain(..) {
+                answer(job, Outcome::Committed { ts_ms });
+            }
+        }
+        Err(reason) if jobs.len() == 1 => {
+            METRICS.flush_rejected.inc();
+            tracing::warn!(room = %jobs[0].room, %reason, "database rejected a room batch");
+            for job in jobs.drain(..) {
+                answer(job, Outcome::Rejected { reason: reason.clone() });
+            }
+        }
+        Err(_) => {
+            // Find the bad room(s): commit each room on its own.
+            for job in std::mem::take(jobs) {
+                let mut one = vec![job];
+                Box::pin(commit_group(store, &mut one)).await;
+            }
+        }
+    }
+}
+
+/// One group commit, retried with capped exponential backoff until the
+/// database takes or rejects it.
+async fn commit_retrying(store: &dyn Store, jobs: &[FlushJob]) -> Result<i64, String> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let batches: Vec<RoomRows<'_>> =
+            jobs.iter().map(|j| RoomRows { room: &j.room, rows: &j.rows }).collect();
+        let rows: usize = jobs.iter().map(|j| j.rows.len()).sum();
+        let ts_ms = now_ms();
+        let started = Instant::now();
+        match store.commit(&batches, ts_ms).await {
+            Ok(()) => {
+                METRICS.flush_seconds.observe(started.elapsed().as_secs_f64());
+                METRICS.flush_batch_rows.observe(rows as f64);
+                METRICS.rows_persisted.inc_by(rows as u64);
+                return Ok(ts_ms);
+            }
+            Err(StoreError::Rejected(reason)) => return Err(reason),
+            Err(StoreError::Unavailable(reason)) => {
+                METRICS.flush_retries.inc();
+                tracing::warn!(%reason, rows, retry_in_ms = backoff.as_millis() as u64, "commit failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn answer(job: FlushJob, outcome: Outcome) {
+    // The room may have stopped (process shutting down); then nobody waits.
+    let _ = job.done.send((job.rows, outcome));
+}

@@ -1,1 +1,64 @@
-fn main(){}
+//! `chat-gateway`: parses config, starts telemetry, runs the gateway.
+
+use std::process::ExitCode;
+
+use chat_gateway::config::Config;
+use chat_room_node::telemetry;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad configuration (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            eprintln!(
+                "{}",
+                e.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid configuration")
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("{e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    telemetry::init(config.log_format);
+    tracing::info!(config = %config.redacted(), "starting chat-gateway");
+    let listener = match chat_gateway::bind(config.listen()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {}: {e}", config.listen());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        signal.cancel();
+    });
+    match chat_gateway::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(
+            e @ (chat_gateway::Error::Config(_)
+            | chat_gateway::Error::Bus(chat_room_node::bus::BusError::Unsupported(_))),
+        ) => {
+            tracing::error!("{e}");
+            eprintln!("{e}");
+            ExitCode::from(EX_USAGE)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -223,7 +223,10 @@ impl Event {
     /// # Errors
     /// When the payload is not an event.
     pub fn decode(payload: &Bytes) -> Result<Self, DecodeError> {
-        let nl = payload.iter().position(|&b| b == b'\n').ok_or(DecodeError::Framing)?;
+        let nl = payload
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(DecodeError::Framing)?;
         let head = &payload[..nl];
         let frame = payload.slice(nl + 1..);
         match head {
@@ -274,9 +277,14 @@ mod tests {
 
     #[test]
     fn event_round_trip() {
-        let e = Event::Message { seq: 42, frame: Bytes::from_static(b"{}") };
+        let e = Event::Message {
+            seq: 42,
+            frame: Bytes::from_static(b"{}"),
+        };
         assert_eq!(Event::decode(&e.encode()).unwrap(), e);
-        let p = Event::Presence { frame: Bytes::from_static(b"{\"x\":1}") };
+        let p = Event::Presence {
+            frame: Bytes::from_static(b"{\"x\":1}"),
+        };
         assert_eq!(Event::decode(&p.encode()).unwrap(), p);
         assert!(Event::decode(&Bytes::from_static(b"m x\n{}")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"garbage")).is_err());

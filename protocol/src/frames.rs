@@ -253,7 +253,12 @@ impl ServerFrame {
 
     /// An error frame without a `ref`.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::Error { code, message: message.into(), reference: None, retry_after_ms: None }
+        Self::Error {
+            code,
+            message: message.into(),
+            reference: None,
+            retry_after_ms: None,
+        }
     }
 }
 
@@ -293,14 +298,19 @@ pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
             FrameError::BadFrame(msg)
         }
     })?;
-    if let ClientFrame::Send { text, client_id, .. } = &frame {
+    if let ClientFrame::Send {
+        text, client_id, ..
+    } = &frame
+    {
         if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_BYTES {
             return Err(FrameError::BadFrame(format!(
                 "client_id must be 1-{MAX_CLIENT_ID_BYTES} bytes"
             )));
         }
         if text.contains('\0') || client_id.contains('\0') {
-            return Err(FrameError::BadFrame("text may not contain NUL characters".into()));
+            return Err(FrameError::BadFrame(
+                "text may not contain NUL characters".into(),
+            ));
         }
     }
     Ok(frame)
@@ -314,24 +324,43 @@ mod tests {
     fn decodes_every_client_frame() {
         assert_eq!(
             decode_client(r#"{"type":"join","room":"a","since":3}"#).unwrap(),
-            ClientFrame::Join { room: RoomId::new("a").unwrap(), since: Some(3) }
+            ClientFrame::Join {
+                room: RoomId::new("a").unwrap(),
+                since: Some(3)
+            }
         );
         assert!(matches!(
             decode_client(r#"{"type":"send","room":"a","text":"hi","client_id":"c1","extra":1}"#),
             Ok(ClientFrame::Send { .. })
         ));
-        assert_eq!(decode_client(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
+        assert_eq!(
+            decode_client(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        );
         assert!(matches!(
             decode_client(r#"{"type":"history","room":"a"}"#),
-            Ok(ClientFrame::History { before: None, limit: None, .. })
+            Ok(ClientFrame::History {
+                before: None,
+                limit: None,
+                ..
+            })
         ));
     }
 
     #[test]
     fn refuses_bad_frames() {
-        assert_eq!(decode_client(r#"{"type":"join","room":"a b"}"#), Err(FrameError::BadRoom));
-        assert!(matches!(decode_client("nope"), Err(FrameError::BadFrame(_))));
-        assert!(matches!(decode_client(r#"{"type":"fly"}"#), Err(FrameError::BadFrame(_))));
+        assert_eq!(
+            decode_client(r#"{"type":"join","room":"a b"}"#),
+            Err(FrameError::BadRoom)
+        );
+        assert!(matches!(
+            decode_client("nope"),
+            Err(FrameError::BadFrame(_))
+        ));
+        assert!(matches!(
+            decode_client(r#"{"type":"fly"}"#),
+            Err(FrameError::BadFrame(_))
+        ));
         assert!(matches!(
             decode_client(r#"{"type":"send","room":"a","text":"x","client_id":""}"#),
             Err(FrameError::BadFrame(_))

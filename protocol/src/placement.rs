@@ -19,7 +19,9 @@ pub struct Placement {
 
 impl std::fmt::Debug for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Placement").field("nodes", &self.nodes).finish()
+        f.debug_struct("Placement")
+            .field("nodes", &self.nodes)
+            .finish()
     }
 }
 

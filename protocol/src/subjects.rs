@@ -23,11 +23,15 @@ impl Subjects {
     pub fn new(prefix: &str) -> Result<Self, PrefixError> {
         if prefix.is_empty()
             || prefix.len() > 32
-            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
             return Err(PrefixError);
         }
-        Ok(Self { prefix: prefix.to_owned() })
+        Ok(Self {
+            prefix: prefix.to_owned(),
+        })
     }
 
     /// The prefix itself.

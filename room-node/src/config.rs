@@ -24,7 +24,11 @@ pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 5;
 
 /// Room node settings.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "chat-room-node", version, about = "Owns chat rooms: sequencing, persistence, fan-out events")]
+#[command(
+    name = "chat-room-node",
+    version,
+    about = "Owns chat rooms: sequencing, persistence, fan-out events"
+)]
 pub struct Config {
     /// NATS server (2.10 or newer, with JetStream).
     #[arg(long, env = "CHAT_NATS_URL", default_value = DEFAULT_NATS_URL)]
@@ -90,7 +94,9 @@ impl Config {
         match &self.node_id {
             Some(id) => NodeId::new(id).map_err(|e| ConfigError(format!("CHAT_NODE_ID: {e}"))),
             None => {
-                let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+                let host = hostname::get()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 Ok(NodeId::sanitised(&host))
             }
         }
@@ -102,9 +108,14 @@ impl Config {
     /// The first setting that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.node_id()?;
-        Subjects::new(&self.subject_prefix).map_err(|e| ConfigError(format!("CHAT_SUBJECT_PREFIX: {e}")))?;
-        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
-            return Err(ConfigError("CHAT_DATABASE_URL must be a postgres:// URL".into()));
+        Subjects::new(&self.subject_prefix)
+            .map_err(|e| ConfigError(format!("CHAT_SUBJECT_PREFIX: {e}")))?;
+        if !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
+            return Err(ConfigError(
+                "CHAT_DATABASE_URL must be a postgres:// URL".into(),
+            ));
         }
         if !(1..=10_000).contains(&self.flush_batch) {
             return Err(ConfigError("CHAT_FLUSH_BATCH must be 1-10000".into()));
@@ -112,17 +123,26 @@ impl Config {
         if !(1..=60_000).contains(&self.flush_interval_ms) {
             return Err(ConfigError("CHAT_FLUSH_INTERVAL_MS must be 1-60000".into()));
         }
-        if self.rate_limit_per_sec < 0.0 || self.rate_limit_burst < 0.0 || !self.rate_limit_per_sec.is_finite() {
+        if self.rate_limit_per_sec < 0.0
+            || self.rate_limit_burst < 0.0
+            || !self.rate_limit_per_sec.is_finite()
+        {
             return Err(ConfigError("rate limits must be 0 or positive".into()));
         }
         if self.rate_limit_per_sec > 0.0 && self.rate_limit_burst < 1.0 {
-            return Err(ConfigError("CHAT_RATE_LIMIT_BURST must be at least 1 when the limit is on".into()));
+            return Err(ConfigError(
+                "CHAT_RATE_LIMIT_BURST must be at least 1 when the limit is on".into(),
+            ));
         }
         if self.node_ttl_ms < 2000 {
-            return Err(ConfigError("CHAT_NODE_TTL_MS must be at least 2000 (two heartbeats)".into()));
+            return Err(ConfigError(
+                "CHAT_NODE_TTL_MS must be at least 2000 (two heartbeats)".into(),
+            ));
         }
         if self.buffer_high_water < self.flush_batch {
-            return Err(ConfigError("CHAT_BUFFER_HIGH_WATER must be at least CHAT_FLUSH_BATCH".into()));
+            return Err(ConfigError(
+                "CHAT_BUFFER_HIGH_WATER must be at least CHAT_FLUSH_BATCH".into(),
+            ));
         }
         if self.shard_threshold == 0 {
             return Err(ConfigError("CHAT_SHARD_THRESHOLD must be positive".into()));
@@ -135,7 +155,10 @@ impl Config {
         RoomConfig {
             flush_batch: self.flush_batch,
             flush_interval: Duration::from_millis(self.flush_interval_ms),
-            rate: RateLimit { per_sec: self.rate_limit_per_sec, burst: self.rate_limit_burst },
+            rate: RateLimit {
+                per_sec: self.rate_limit_per_sec,
+                burst: self.rate_limit_burst,
+            },
             high_water: self.buffer_high_water,
             idle_timeout: Duration::from_secs(self.room_idle_secs),
             ..RoomConfig::default()
@@ -153,8 +176,12 @@ impl Config {
 
 /// Hides the password of `scheme://user:password@host/...`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((creds, host)) = rest.split_once('@') else { return url.to_owned() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((creds, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
     match creds.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_owned(),
@@ -179,7 +206,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

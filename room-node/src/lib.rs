@@ -74,13 +74,18 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         let cancel = admin_cancel.clone();
         tokio::spawn(async move {
             let app = admin::app(ready_rx);
-            if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+            if let Err(e) = axum::serve(admin, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await
+            {
                 tracing::error!(error = %e, "admin server failed");
             }
         })
     };
-    let bus: Arc<dyn Bus> = Arc::new(NatsBus::connect(&config.nats_url, &format!("room-node {node_id}")).await?);
-    let store = Arc::new(PgStore::connect(&config.database_url, config.database_max_connections).await?);
+    let bus: Arc<dyn Bus> =
+        Arc::new(NatsBus::connect(&config.nats_url, &format!("room-node {node_id}")).await?);
+    let store =
+        Arc::new(PgStore::connect(&config.database_url, config.database_max_connections).await?);
     let settings = NodeSettings {
         node_id,
         subjects,

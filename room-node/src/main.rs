@@ -15,7 +15,13 @@ async fn main() -> ExitCode {
     let config = match Config::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
-            eprintln!("{}", e.to_string().lines().next().unwrap_or("invalid configuration"));
+            eprintln!(
+                "{}",
+                e.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid configuration")
+            );
             return ExitCode::from(EX_USAGE);
         }
         Err(e) => e.exit(),
@@ -41,7 +47,10 @@ async fn main() -> ExitCode {
     });
     match chat_room_node::run(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ (chat_room_node::Error::Config(_) | chat_room_node::Error::Bus(chat_room_node::bus::BusError::Unsupported(_)))) => {
+        Err(
+            e @ (chat_room_node::Error::Config(_)
+            | chat_room_node::Error::Bus(chat_room_node::bus::BusError::Unsupported(_))),
+        ) => {
             tracing::error!("{e}");
             eprintln!("{e}");
             ExitCode::from(EX_USAGE)

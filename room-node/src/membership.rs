@@ -25,7 +25,9 @@ const RECHECK: Duration = Duration::from_millis(250);
 
 /// Milliseconds since the Unix epoch, by this machine's clock.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 struct Seen {
@@ -89,7 +91,10 @@ pub async fn watch_placement(
     bus.kv_ensure(&bucket, ttl * 4).await?;
     let (tx, rx) = watch::channel(Placement::new([]));
     tokio::spawn(async move {
-        let mut live = Liveness { ttl, nodes: HashMap::new() };
+        let mut live = Liveness {
+            ttl,
+            nodes: HashMap::new(),
+        };
         let mut tick = tokio::time::interval(RECHECK);
         while !cancel.is_cancelled() {
             let mut stream = match bus.kv_watch(&bucket).await {
@@ -146,36 +151,32 @@ pub async fn ensure_unique(
 ) -> Result<(), BusError> {
     let bucket = subjects.nodes_bucket();
     bus.kv_ensure(&bucket, ttl * 4).await?;
-    let mut stream = bus.kv_watch(&bucket).await?;
+    let parse = |v: Option<Bytes>| v.and_then(|v| serde_json::from_slice::<NodeHeartbeat>(&v).ok());
+    let Some(first) = parse(bus.kv_get(&bucket, node.as_str()).await?) else {
+        return Ok(());
+    };
+    let stale = now_ms().saturating_sub(first.ts_ms) > ttl.as_millis() as i64;
+    if first.instance == instance || first.draining || stale {
+        return Ok(());
+    }
+    // A fresh heartbeat from another process: a crashed predecessor stops
+    // updating it, a live duplicate keeps going. Watch long enough to tell.
+    tracing::info!(%node, "a recent heartbeat uses this id; checking whether it is live");
     let deadline = tokio::time::Instant::now() + ttl + HEARTBEAT_INTERVAL * 2;
-    let mut stamps = Vec::new();
-    loop {
-        let next = tokio::select! {
-            c = stream.next() => c,
-            _ = tokio::time::sleep_until(deadline) => break,
-            // Nothing for our key within a short while: the id is free.
-            _ = tokio::time::sleep(HEARTBEAT_INTERVAL * 2), if stamps.is_empty() => break,
-        };
-        let Some(change) = next else { break };
-        if change.key != node.as_str() {
-            continue;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(HEARTBEAT_INTERVAL / 2).await;
+        match parse(bus.kv_get(&bucket, node.as_str()).await?) {
+            Some(hb)
+                if hb.instance == first.instance && hb.ts_ms != first.ts_ms && !hb.draining =>
+            {
+                return Err(BusError::Unsupported(format!(
+                    "another live room node already uses the id {node}; give each node its own CHAT_NODE_ID"
+                )));
+            }
+            Some(hb) if hb.instance == first.instance => {}
+            // Deleted, draining, or replaced: the id is free.
+            _ => return Ok(()),
         }
-        let Some(v) = change.value else { continue };
-        let Ok(hb) = serde_json::from_slice::<NodeHeartbeat>(&v) else { continue };
-        if hb.instance == instance || hb.draining {
-            continue;
-        }
-        if stamps.is_empty() && now_ms().saturating_sub(hb.ts_ms) > ttl.as_millis() as i64 {
-            continue;
-        }
-        stamps.push(hb.ts_ms);
-        stamps.dedup();
-        if stamps.len() >= 2 {
-            return Err(BusError::Unsupported(format!(
-                "another live room node already uses the id {node}; give each node its own CHAT_NODE_ID"
-            )));
-        }
-        tracing::info!(%node, "a previous heartbeat for this id exists; waiting to see if it is live");
     }
     Ok(())
 }
@@ -239,7 +240,10 @@ mod tests {
     #[test]
     fn liveness_from_timestamps() {
         let ttl = Duration::from_secs(5);
-        let mut l = Liveness { ttl, nodes: HashMap::new() };
+        let mut l = Liveness {
+            ttl,
+            nodes: HashMap::new(),
+        };
         let t0 = Instant::now();
         l.observe("a".into(), Some(hb("a", now_ms(), false)), t0);
         l.observe("old".into(), Some(hb("old", now_ms() - 60_000, false)), t0);

@@ -44,23 +44,82 @@ pub struct NodeMetrics {
 
 /// The process-wide instance.
 pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
-    let flush_buckets = vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
-    let size_buckets = vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0];
+    let flush_buckets = vec![
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ];
+    let size_buckets = vec![
+        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+    ];
     NodeMetrics {
         active_rooms: register_int_gauge!("chat_room_active_rooms", "Room actors running").unwrap(),
-        members: register_int_gauge!("chat_room_members", "Connections registered in rooms on this node").unwrap(),
-        buffered_messages: register_int_gauge!("chat_room_buffered_messages", "Messages sequenced and not yet committed").unwrap(),
-        alarms_armed: register_int_counter!("chat_room_alarms_armed_total", "Room flush alarms armed").unwrap(),
-        flush_seconds: register_histogram!("chat_room_flush_duration_seconds", "Group commit duration", flush_buckets).unwrap(),
-        flush_batch_rows: register_histogram!("chat_room_flush_batch_rows", "Rows per group commit", size_buckets).unwrap(),
-        flush_retries: register_int_counter!("chat_room_flush_retries_total", "Group commits retried after a database failure").unwrap(),
-        flush_rejected: register_int_counter!("chat_room_flush_rejected_total", "Room batches rejected by the database and reconciled").unwrap(),
-        rows_persisted: register_int_counter!("chat_room_rows_persisted_total", "Messages committed").unwrap(),
-        rate_limited: register_int_counter!("chat_room_rate_limited_total", "Sends refused by the per-user rate limit").unwrap(),
-        overloaded: register_int_counter!("chat_room_overloaded_total", "Sends refused because a room buffer is full").unwrap(),
-        duplicates: register_int_counter!("chat_room_duplicate_sends_total", "Resends answered with the original seq").unwrap(),
-        ring_size: register_int_gauge!("chat_room_ring_nodes", "Live room nodes in the placement ring").unwrap(),
-        commands: register_int_counter_vec!("chat_room_commands_total", "Commands received by outcome", &["outcome"]).unwrap(),
+        members: register_int_gauge!(
+            "chat_room_members",
+            "Connections registered in rooms on this node"
+        )
+        .unwrap(),
+        buffered_messages: register_int_gauge!(
+            "chat_room_buffered_messages",
+            "Messages sequenced and not yet committed"
+        )
+        .unwrap(),
+        alarms_armed: register_int_counter!(
+            "chat_room_alarms_armed_total",
+            "Room flush alarms armed"
+        )
+        .unwrap(),
+        flush_seconds: register_histogram!(
+            "chat_room_flush_duration_seconds",
+            "Group commit duration",
+            flush_buckets
+        )
+        .unwrap(),
+        flush_batch_rows: register_histogram!(
+            "chat_room_flush_batch_rows",
+            "Rows per group commit",
+            size_buckets
+        )
+        .unwrap(),
+        flush_retries: register_int_counter!(
+            "chat_room_flush_retries_total",
+            "Group commits retried after a database failure"
+        )
+        .unwrap(),
+        flush_rejected: register_int_counter!(
+            "chat_room_flush_rejected_total",
+            "Room batches rejected by the database and reconciled"
+        )
+        .unwrap(),
+        rows_persisted: register_int_counter!(
+            "chat_room_rows_persisted_total",
+            "Messages committed"
+        )
+        .unwrap(),
+        rate_limited: register_int_counter!(
+            "chat_room_rate_limited_total",
+            "Sends refused by the per-user rate limit"
+        )
+        .unwrap(),
+        overloaded: register_int_counter!(
+            "chat_room_overloaded_total",
+            "Sends refused because a room buffer is full"
+        )
+        .unwrap(),
+        duplicates: register_int_counter!(
+            "chat_room_duplicate_sends_total",
+            "Resends answered with the original seq"
+        )
+        .unwrap(),
+        ring_size: register_int_gauge!(
+            "chat_room_ring_nodes",
+            "Live room nodes in the placement ring"
+        )
+        .unwrap(),
+        commands: register_int_counter_vec!(
+            "chat_room_commands_total",
+            "Commands received by outcome",
+            &["outcome"]
+        )
+        .unwrap(),
     }
 });
 

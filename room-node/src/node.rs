@@ -69,11 +69,18 @@ pub async fn serve(
         .map_err(Error::Bus)?;
 
     let bg = CancellationToken::new();
-    let mut placement =
-        membership::watch_placement(bus.clone(), &settings.subjects, settings.node_ttl, bg.clone())
-            .await
-            .map_err(Error::Bus)?;
-    let mut inbox = bus.subscribe(settings.subjects.node_inbox(&me)).await.map_err(Error::Bus)?;
+    let mut placement = membership::watch_placement(
+        bus.clone(),
+        &settings.subjects,
+        settings.node_ttl,
+        bg.clone(),
+    )
+    .await
+    .map_err(Error::Bus)?;
+    let mut inbox = bus
+        .subscribe(settings.subjects.node_inbox(&me))
+        .await
+        .map_err(Error::Bus)?;
     let (draining_tx, draining_rx) = watch::channel(false);
     let hb = tokio::spawn(membership::heartbeat(
         bus.clone(),
@@ -99,6 +106,8 @@ pub async fn serve(
     let rooms_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut rooms: HashMap<RoomId, Entry> = HashMap::new();
+    // Our own copy, so no watch guard is held across an await.
+    let mut current = placement.borrow_and_update().clone();
     tracing::info!(node.id = %me, "room node serving");
     ready.send_replace(true);
 
@@ -109,7 +118,7 @@ pub async fn serve(
                     tracing::error!("inbox subscription ended");
                     break;
                 };
-                dispatch(&me, &placement.borrow(), &deps, &bus, &mut rooms, &tracker, &rooms_cancel, msg).await;
+                dispatch(&me, &current, &deps, &bus, &mut rooms, &tracker, &rooms_cancel, msg).await;
             }
             Some((room, processed)) = idle_rx.recv() => {
                 if rooms.get(&room).is_some_and(|e| e.sent == processed) {
@@ -119,9 +128,9 @@ pub async fn serve(
             }
             changed = placement.changed() => {
                 if changed.is_err() { break; }
-                let p = placement.borrow_and_update().clone();
+                current = placement.borrow_and_update().clone();
                 rooms.retain(|room, e| {
-                    let keep = p.owner(room).as_ref() == Some(&me);
+                    let keep = current.owner(room).as_ref() == Some(&me);
                     if !keep {
                         tracing::info!(%room, "room moved to another node; handing off");
                         // A full mailbox still ends when the handle drops.
@@ -149,7 +158,9 @@ pub async fn serve(
             while let Some(msg) = inbox.next().await {
                 if let Some(to) = msg.reply {
                     // Best effort: the gateway retries elsewhere either way.
-                    let _ = bus.publish(to, encode_reply(&ReplyHead::NotOwner, &[])).await;
+                    let _ = bus
+                        .publish(to, encode_reply(&ReplyHead::NotOwner, &[]))
+                        .await;
                 }
             }
         };
@@ -162,7 +173,10 @@ pub async fn serve(
     })
     .await;
     if drained.is_err() {
-        tracing::error!(grace_secs = grace.as_secs(), "grace period over with rooms still flushing");
+        tracing::error!(
+            grace_secs = grace.as_secs(),
+            "grace period over with rooms still flushing"
+        );
     }
     bg.cancel();
     // The heartbeat task deletes our entry on its way out.

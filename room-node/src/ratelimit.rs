@@ -30,7 +30,10 @@ impl RateLimit {
 impl TokenBucket {
     /// A full bucket.
     pub fn new(limit: RateLimit, now: Instant) -> Self {
-        Self { tokens: limit.burst.max(1.0), last: now }
+        Self {
+            tokens: limit.burst.max(1.0),
+            last: now,
+        }
     }
 
     /// Takes a token, or says how long until one is available.
@@ -58,7 +61,10 @@ mod tests {
 
     #[test]
     fn burst_then_rate() {
-        let l = RateLimit { per_sec: 10.0, burst: 20.0 };
+        let l = RateLimit {
+            per_sec: 10.0,
+            burst: 20.0,
+        };
         let t = Instant::now();
         let mut b = TokenBucket::new(l, t);
         for _ in 0..20 {

@@ -63,7 +63,10 @@ impl Default for RoomConfig {
         Self {
             flush_batch: 50,
             flush_interval: Duration::from_millis(5),
-            rate: RateLimit { per_sec: 10.0, burst: 20.0 },
+            rate: RateLimit {
+                per_sec: 10.0,
+                burst: 20.0,
+            },
             high_water: 10_000,
             idle_timeout: Duration::from_secs(60),
             recent: 256,
@@ -269,7 +272,12 @@ impl RoomActor {
         let cfg = self.deps.config.clone();
         let mut delay = Duration::from_millis(50);
         let snap = loop {
-            match self.deps.store.load_room(&self.room, cfg.recent as u32, cfg.dedup_window as u32).await {
+            match self
+                .deps
+                .store
+                .load_room(&self.room, cfg.recent as u32, cfg.dedup_window as u32)
+                .await
+            {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::warn!(room = %self.room, error = %e, "cannot load room; retrying");
@@ -311,18 +319,47 @@ impl RoomActor {
             return;
         }
         match req {
-            NodeRequest::Send { user, text, client_id, .. } => {
+            NodeRequest::Send {
+                user,
+                text,
+                client_id,
+                ..
+            } => {
                 self.on_send(user, text, client_id, reply).await;
             }
-            NodeRequest::Join { user, gateway, conn, since, .. } => {
+            NodeRequest::Join {
+                user,
+                gateway,
+                conn,
+                since,
+                ..
+            } => {
                 self.on_join(user, gateway, conn, since, reply).await;
             }
-            NodeRequest::Leave { user, gateway, conn, .. } => {
+            NodeRequest::Leave {
+                user,
+                gateway,
+                conn,
+                ..
+            } => {
                 self.on_leave(&gateway, conn, &user).await;
                 self.reply(reply, &ReplyHead::Left, &[]).await;
             }
-            NodeRequest::History { before, after, limit, .. } => {
-                self.on_history(Page { before, after, limit: limit.clamp(1, MAX_HISTORY_LIMIT.max(BACKLOG_PAGE)) }, reply).await;
+            NodeRequest::History {
+                before,
+                after,
+                limit,
+                ..
+            } => {
+                self.on_history(
+                    Page {
+                        before,
+                        after,
+                        limit: limit.clamp(1, MAX_HISTORY_LIMIT.max(BACKLOG_PAGE)),
+                    },
+                    reply,
+                )
+                .await;
             }
         }
     }
@@ -335,16 +372,36 @@ impl RoomActor {
         }
     }
 
-    async fn error(&self, to: Option<String>, code: ErrorCode, message: &str, retry: Option<Duration>) {
-        let head = ReplyHead::Error { code, message: message.to_owned(), retry_after_ms: retry.map(ms) };
+    async fn error(
+        &self,
+        to: Option<String>,
+        code: ErrorCode,
+        message: &str,
+        retry: Option<Duration>,
+    ) {
+        let head = ReplyHead::Error {
+            code,
+            message: message.to_owned(),
+            retry_after_ms: retry.map(ms),
+        };
         self.reply(to, &head, &[]).await;
     }
 
-    async fn on_send(&mut self, user: UserId, text: String, client_id: String, reply: Option<String>) {
+    async fn on_send(
+        &mut self,
+        user: UserId,
+        text: String,
+        client_id: String,
+        reply: Option<String>,
+    ) {
         let key = (user, client_id);
         if let Some((seq, id)) = self.dedup.get(&key) {
             METRICS.duplicates.inc();
-            let head = ReplyHead::Ack { seq: *seq, id: id.clone(), duplicate: true };
+            let head = ReplyHead::Ack {
+                seq: *seq,
+                id: id.clone(),
+                duplicate: true,
+            };
             self.reply(reply, &head, &[]).await;
             return;
         }
@@ -359,10 +416,19 @@ impl RoomActor {
         let cfg = self.deps.config.clone();
         if !cfg.rate.disabled() {
             let now = Instant::now();
-            let bucket = self.buckets.entry(key.0.clone()).or_insert_with(|| TokenBucket::new(cfg.rate, now));
+            let bucket = self
+                .buckets
+                .entry(key.0.clone())
+                .or_insert_with(|| TokenBucket::new(cfg.rate, now));
             if let Err(wait) = bucket.take(cfg.rate, now) {
                 METRICS.rate_limited.inc();
-                self.error(reply, ErrorCode::RateLimited, "too many messages; slow down", Some(wait)).await;
+                self.error(
+                    reply,
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down",
+                    Some(wait),
+                )
+                .await;
                 return;
             }
             if self.buckets.len() > 4096 {
@@ -373,20 +439,36 @@ impl RoomActor {
         if self.buffer.len() + in_flight >= cfg.high_water {
             METRICS.overloaded.inc();
             let retry = Some(Duration::from_millis(500));
-            self.error(reply, ErrorCode::Overloaded, "room is overloaded; retry shortly", retry).await;
+            self.error(
+                reply,
+                ErrorCode::Overloaded,
+                "room is overloaded; retry shortly",
+                retry,
+            )
+            .await;
             return;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         let (user, client_id) = key;
-        self.pending_keys.insert((user.clone(), client_id.clone()), seq);
-        let row = Row { seq, id: uuid::Uuid::now_v7().to_string(), user, text, client_id };
+        self.pending_keys
+            .insert((user.clone(), client_id.clone()), seq);
+        let row = Row {
+            seq,
+            id: uuid::Uuid::now_v7().to_string(),
+            user,
+            text,
+            client_id,
+        };
         if self.buffer.is_empty() && self.alarm.is_none() && !self.alarm_fired {
             self.alarm = Some(Instant::now() + cfg.flush_interval);
             self.stats.alarms_armed += 1;
             METRICS.alarms_armed.inc();
         }
-        self.buffer.push_back(Pending { row, replies: reply.into_iter().collect() });
+        self.buffer.push_back(Pending {
+            row,
+            replies: reply.into_iter().collect(),
+        });
         METRICS.buffered_messages.inc();
     }
 
@@ -426,7 +508,11 @@ impl RoomActor {
             rows.push(p.row);
             replies.push(p.replies);
         }
-        match self.deps.writer.submit(FlushJob { room: self.room.clone(), rows, done: tx }) {
+        match self.deps.writer.submit(FlushJob {
+            room: self.room.clone(),
+            rows,
+            done: tx,
+        }) {
             Ok(()) => {
                 self.stats.batches += 1;
                 self.inflight = Some(InFlight { replies, done: rx });
@@ -455,9 +541,23 @@ impl RoomActor {
     async fn committed(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, ts_ms: i64) {
         METRICS.buffered_messages.sub(rows.len() as i64);
         for (row, replies) in rows.into_iter().zip(replies) {
-            let Row { seq, id, user, text, client_id } = row;
+            let Row {
+                seq,
+                id,
+                user,
+                text,
+                client_id,
+            } = row;
             self.pending_keys.remove(&(user.clone(), client_id.clone()));
-            let msg = Message { room: self.room.clone(), seq, id, user, text, ts: ts_ms, client_id };
+            let msg = Message {
+                room: self.room.clone(),
+                seq,
+                id,
+                user,
+                text,
+                ts: ts_ms,
+                client_id,
+            };
             self.publish_committed(msg, replies, false).await;
         }
     }
@@ -468,8 +568,17 @@ impl RoomActor {
         let key = (msg.user.clone(), msg.client_id.clone());
         let id = msg.id.clone();
         let frame = ServerFrame::Message(msg).to_bytes();
-        let event = Event::Message { seq, frame: frame.clone() }.encode();
-        if let Err(e) = self.deps.bus.publish(self.events_subject.clone(), event).await {
+        let event = Event::Message {
+            seq,
+            frame: frame.clone(),
+        }
+        .encode();
+        if let Err(e) = self
+            .deps
+            .bus
+            .publish(self.events_subject.clone(), event)
+            .await
+        {
             // Gateways repair the gap from history when the next event or
             // their tail check shows it.
             tracing::warn!(room = %self.room, seq, error = %e, "event publish failed");
@@ -490,8 +599,11 @@ impl RoomActor {
     /// renumbering is invisible.
     async fn reconcile(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, reason: &str) {
         tracing::warn!(room = %self.room, reason, "reconciling a rejected batch with the database");
-        let mut pending: VecDeque<Pending> =
-            rows.into_iter().zip(replies).map(|(row, replies)| Pending { row, replies }).collect();
+        let mut pending: VecDeque<Pending> = rows
+            .into_iter()
+            .zip(replies)
+            .map(|(row, replies)| Pending { row, replies })
+            .collect();
         pending.extend(self.buffer.drain(..));
         let mut delay = Duration::from_millis(50);
         loop {
@@ -510,7 +622,8 @@ impl RoomActor {
         for p in &mut pending {
             p.row.seq = self.next_seq;
             self.next_seq += 1;
-            self.pending_keys.insert((p.row.user.clone(), p.row.client_id.clone()), p.row.seq);
+            self.pending_keys
+                .insert((p.row.user.clone(), p.row.client_id.clone()), p.row.seq);
         }
         self.buffer = pending;
         self.alarm_fired = !self.buffer.is_empty();
@@ -519,12 +632,21 @@ impl RoomActor {
     async fn try_reconcile(&mut self, pending: &mut VecDeque<Pending>) -> Result<(), StoreError> {
         // 1. Everything committed after what we know, in order.
         loop {
-            let page = Page { before: None, after: Some(self.last_seq), limit: 500 };
+            let page = Page {
+                before: None,
+                after: Some(self.last_seq),
+                limit: 500,
+            };
             let (msgs, more) = self.deps.store.history(&self.room, page).await?;
             for m in msgs {
                 let key = (m.user.clone(), m.client_id.clone());
-                let mine = pending.iter().position(|p| (p.row.user.clone(), p.row.client_id.clone()) == key);
-                let replies = mine.and_then(|i| pending.remove(i)).map(|p| p.replies).unwrap_or_default();
+                let mine = pending
+                    .iter()
+                    .position(|p| (p.row.user.clone(), p.row.client_id.clone()) == key);
+                let replies = mine
+                    .and_then(|i| pending.remove(i))
+                    .map(|p| p.replies)
+                    .unwrap_or_default();
                 if mine.is_some() {
                     METRICS.buffered_messages.dec();
                 }
@@ -535,17 +657,26 @@ impl RoomActor {
             }
         }
         // 2. Resends of messages older than the dedup window.
-        let keys: Vec<(UserId, String)> =
-            pending.iter().map(|p| (p.row.user.clone(), p.row.client_id.clone())).collect();
+        let keys: Vec<(UserId, String)> = pending
+            .iter()
+            .map(|p| (p.row.user.clone(), p.row.client_id.clone()))
+            .collect();
         if keys.is_empty() {
             return Ok(());
         }
         for (user, cid, seq, id) in self.deps.store.find_client_ids(&self.room, &keys).await? {
-            if let Some(i) = pending.iter().position(|p| p.row.user == user && p.row.client_id == cid) {
+            if let Some(i) = pending
+                .iter()
+                .position(|p| p.row.user == user && p.row.client_id == cid)
+            {
                 let p = pending.remove(i).expect("index from position");
                 METRICS.buffered_messages.dec();
                 METRICS.duplicates.inc();
-                let head = ReplyHead::Ack { seq, id: id.clone(), duplicate: true };
+                let head = ReplyHead::Ack {
+                    seq,
+                    id: id.clone(),
+                    duplicate: true,
+                };
                 for to in p.replies {
                     self.reply(Some(to), &head, &[]).await;
                 }
@@ -583,7 +714,7 @@ impl RoomActor {
 
     /// Frames with `after < seq < before` from the ring, oldest first, when
     /// the ring covers the whole range.
-    fn from_ring(&self, after: u64, before: u64) -> Option<Vec<Bytes>> {
+    fn ring_range(&self, after: u64, before: u64) -> Option<Vec<Bytes>> {
         if before <= after + 1 {
             return Some(Vec::new());
         }
@@ -593,10 +724,22 @@ impl RoomActor {
         }
         let start = (after + 1 - first) as usize;
         let end = ((before - first) as usize).min(self.recent.len());
-        Some(self.recent.range(start..end.max(start)).map(|(_, f)| f.clone()).collect())
+        Some(
+            self.recent
+                .range(start..end.max(start))
+                .map(|(_, f)| f.clone())
+                .collect(),
+        )
     }
 
-    async fn on_join(&mut self, user: UserId, gateway: NodeId, conn: u64, since: Option<u64>, reply: Option<String>) {
+    async fn on_join(
+        &mut self,
+        user: UserId,
+        gateway: NodeId,
+        conn: u64,
+        since: Option<u64>,
+        reply: Option<String>,
+    ) {
         if self.members.insert((gateway, conn), user.clone()).is_none() {
             METRICS.members.inc();
             let n = self.user_conns.entry(user.clone()).or_insert(0);
@@ -609,19 +752,37 @@ impl RoomActor {
         let members = self.user_conns.len() as u64;
         let (after, limit) = match since {
             Some(s) => (s.min(last), BACKLOG_PAGE),
-            None => (last.saturating_sub(u64::from(DEFAULT_BACKLOG)), DEFAULT_BACKLOG),
+            None => (
+                last.saturating_sub(u64::from(DEFAULT_BACKLOG)),
+                DEFAULT_BACKLOG,
+            ),
         };
         let before = (after + u64::from(limit)).min(last) + 1;
-        if let Some(frames) = self.from_ring(after, before) {
+        if let Some(frames) = self.ring_range(after, before) {
             let (frames, complete) = cap_frames(frames, before - 1 == last);
-            let head = ReplyHead::Joined { last_seq: last, members, complete };
+            let head = ReplyHead::Joined {
+                last_seq: last,
+                members,
+                complete,
+            };
             self.reply(reply, &head, &frames).await;
             return;
         }
-        let page = Page { before: Some(before), after: Some(after), limit };
+        let page = Page {
+            before: Some(before),
+            after: Some(after),
+            limit,
+        };
         self.read_from_db(reply, page, move |frames, _| {
             let (frames, complete) = cap_frames(frames, before - 1 == last);
-            (ReplyHead::Joined { last_seq: last, members, complete }, frames)
+            (
+                ReplyHead::Joined {
+                    last_seq: last,
+                    members,
+                    complete,
+                },
+                frames,
+            )
         });
     }
 
@@ -639,10 +800,22 @@ impl RoomActor {
     }
 
     async fn presence(&self, user: UserId, state: PresenceState) {
-        let frame = ServerFrame::Presence { room: self.room.clone(), user, state }.to_bytes();
+        let frame = ServerFrame::Presence {
+            room: self.room.clone(),
+            user,
+            state,
+        }
+        .to_bytes();
         // Presence is best effort (not sequenced); a lost one is corrected
         // by the next join's member count.
-        let _ = self.deps.bus.publish(self.events_subject.clone(), Event::Presence { frame }.encode()).await;
+        let _ = self
+            .deps
+            .bus
+            .publish(
+                self.events_subject.clone(),
+                Event::Presence { frame }.encode(),
+            )
+            .await;
     }
 
     async fn on_history(&mut self, page: Page, reply: Option<String>) {
@@ -652,20 +825,35 @@ impl RoomActor {
             Some(a) => (a, true),
             None => (before.saturating_sub(u64::from(page.limit) + 1), false),
         };
-        let end = if forward { (after + u64::from(page.limit) + 1).min(before) } else { before };
+        let end = if forward {
+            (after + u64::from(page.limit) + 1).min(before)
+        } else {
+            before
+        };
         // Seqs start at 1 and have no gaps, so whether more exist follows
         // from the bounds alone.
         let has_more = if forward { end < before } else { after > 0 };
-        if let Some(frames) = self.from_ring(after, end) {
+        if let Some(frames) = self.ring_range(after, end) {
             let (frames, capped) = cap_frames_dir(frames, forward);
-            let head = ReplyHead::History { has_more: has_more || capped };
+            let head = ReplyHead::History {
+                has_more: has_more || capped,
+            };
             self.reply(reply, &head, &frames).await;
             return;
         }
-        let db_page = Page { before: Some(before), after: page.after, limit: page.limit };
+        let db_page = Page {
+            before: Some(before),
+            after: page.after,
+            limit: page.limit,
+        };
         self.read_from_db(reply, db_page, move |frames, more| {
             let (frames, capped) = cap_frames_dir(frames, forward);
-            (ReplyHead::History { has_more: more || capped }, frames)
+            (
+                ReplyHead::History {
+                    has_more: more || capped,
+                },
+                frames,
+            )
         });
     }
 
@@ -695,7 +883,10 @@ impl RoomActor {
             let _permit = permit;
             let (head, frames) = match store.history(&room, page).await {
                 Ok((msgs, more)) => {
-                    let frames = msgs.into_iter().map(|m| ServerFrame::Message(m).to_bytes()).collect();
+                    let frames = msgs
+                        .into_iter()
+                        .map(|m| ServerFrame::Message(m).to_bytes())
+                        .collect();
                     build(frames, more)
                 }
                 Err(e) => {
@@ -736,7 +927,11 @@ fn cap_frames_dir(mut frames: Vec<Bytes>, forward: bool) -> (Vec<Bytes>, bool) {
     let n = frames.len();
     let mut keep = 0;
     for i in 0..n {
-        let f = if forward { &frames[i] } else { &frames[n - 1 - i] };
+        let f = if forward {
+            &frames[i]
+        } else {
+            &frames[n - 1 - i]
+        };
         total += f.len() + 1;
         if total > MAX_REPLY_BYTES {
             break;

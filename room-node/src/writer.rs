@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::membership::now_ms;
 use crate::metrics::METRICS;
-use crate::store::{Row, RoomRows, Store, StoreError};
+use crate::store::{RoomRows, Row, Store, StoreError};
 
 /// Most room batches in one group commit.
 const MAX_JOBS_PER_COMMIT: usize = 256;
@@ -101,7 +101,12 @@ async fn commit_group(store: &dyn Store, jobs: &mut Vec<FlushJob>) {
             METRICS.flush_rejected.inc();
             tracing::warn!(room = %jobs[0].room, %reason, "database rejected a room batch");
             for job in jobs.drain(..) {
-                answer(job, Outcome::Rejected { reason: reason.clone() });
+                answer(
+                    job,
+                    Outcome::Rejected {
+                        reason: reason.clone(),
+                    },
+                );
             }
         }
         Err(_) => {
@@ -119,14 +124,21 @@ async fn commit_group(store: &dyn Store, jobs: &mut Vec<FlushJob>) {
 async fn commit_retrying(store: &dyn Store, jobs: &[FlushJob]) -> Result<i64, String> {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let batches: Vec<RoomRows<'_>> =
-            jobs.iter().map(|j| RoomRows { room: &j.room, rows: &j.rows }).collect();
+        let batches: Vec<RoomRows<'_>> = jobs
+            .iter()
+            .map(|j| RoomRows {
+                room: &j.room,
+                rows: &j.rows,
+            })
+            .collect();
         let rows: usize = jobs.iter().map(|j| j.rows.len()).sum();
         let ts_ms = now_ms();
         let started = Instant::now();
         match store.commit(&batches, ts_ms).await {
             Ok(()) => {
-                METRICS.flush_seconds.observe(started.elapsed().as_secs_f64());
+                METRICS
+                    .flush_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 METRICS.flush_batch_rows.observe(rows as f64);
                 METRICS.rows_persisted.inc_by(rows as u64);
                 return Ok(ts_ms);

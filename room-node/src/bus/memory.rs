@@ -54,7 +54,9 @@ impl MemoryBus {
 
     fn deliver(&self, subject: &str, msg: BusMessage) -> usize {
         let mut inner = self.inner.lock().expect("bus lock poisoned");
-        let Some(subs) = inner.subs.get_mut(subject) else { return 0 };
+        let Some(subs) = inner.subs.get_mut(subject) else {
+            return 0;
+        };
         subs.retain(|s| !s.is_closed());
         let mut delivered = 0;
         for s in subs.iter() {
@@ -71,12 +73,21 @@ impl MemoryBus {
 
     fn has_subscribers(&self, subject: &str) -> bool {
         let inner = self.inner.lock().expect("bus lock poisoned");
-        inner.subs.get(subject).is_some_and(|s| s.iter().any(|s| !s.is_closed()))
+        inner
+            .subs
+            .get(subject)
+            .is_some_and(|s| s.iter().any(|s| !s.is_closed()))
     }
 
     fn add_sub(&self, subject: String, cap: usize) -> mpsc::Receiver<BusMessage> {
         let (tx, rx) = mpsc::channel(cap);
-        self.inner.lock().expect("bus lock poisoned").subs.entry(subject).or_default().push(tx);
+        self.inner
+            .lock()
+            .expect("bus lock poisoned")
+            .subs
+            .entry(subject)
+            .or_default()
+            .push(tx);
         rx
     }
 }
@@ -101,7 +112,13 @@ mod tokio_stream_shim {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), BusError> {
-        self.deliver(&subject, BusMessage { reply: None, payload });
+        self.deliver(
+            &subject,
+            BusMessage {
+                reply: None,
+                payload,
+            },
+        );
         Ok(())
     }
 
@@ -116,7 +133,14 @@ impl Bus for MemoryBus {
         }
         let inbox = format!("_INBOX.{}", self.next_inbox.fetch_add(1, Ordering::Relaxed));
         let mut rx = self.add_sub(inbox.clone(), 1);
-        if self.deliver(&subject, BusMessage { reply: Some(inbox), payload }) == 0 {
+        if self.deliver(
+            &subject,
+            BusMessage {
+                reply: Some(inbox),
+                payload,
+            },
+        ) == 0
+        {
             return Err(BusError::NoResponders);
         }
         match tokio::time::timeout(timeout, rx.recv()).await {
@@ -131,7 +155,12 @@ impl Bus for MemoryBus {
     }
 
     async fn kv_ensure(&self, bucket: &str, _max_age: Duration) -> Result<(), BusError> {
-        self.inner.lock().expect("bus lock poisoned").buckets.entry(bucket.to_owned()).or_default();
+        self.inner
+            .lock()
+            .expect("bus lock poisoned")
+            .buckets
+            .entry(bucket.to_owned())
+            .or_default();
         Ok(())
     }
 
@@ -143,11 +172,22 @@ impl Bus for MemoryBus {
             // A watcher that cannot keep up misses a heartbeat; the next one
             // carries the same information.
             !matches!(
-                w.try_send(KvChange { key: key.to_owned(), value: Some(value.clone()) }),
+                w.try_send(KvChange {
+                    key: key.to_owned(),
+                    value: Some(value.clone())
+                }),
                 Err(mpsc::error::TrySendError::Closed(_))
             )
         });
         Ok(())
+    }
+
+    async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>, BusError> {
+        let inner = self.inner.lock().expect("bus lock poisoned");
+        Ok(inner
+            .buckets
+            .get(bucket)
+            .and_then(|b| b.values.get(key).cloned()))
     }
 
     async fn kv_delete(&self, bucket: &str, key: &str) -> Result<(), BusError> {
@@ -156,7 +196,10 @@ impl Bus for MemoryBus {
         b.values.remove(key);
         b.watchers.retain(|w| {
             !matches!(
-                w.try_send(KvChange { key: key.to_owned(), value: None }),
+                w.try_send(KvChange {
+                    key: key.to_owned(),
+                    value: None
+                }),
                 Err(mpsc::error::TrySendError::Closed(_))
             )
         });
@@ -169,7 +212,10 @@ impl Bus for MemoryBus {
         let b = inner.buckets.entry(bucket.to_owned()).or_default();
         for (k, v) in &b.values {
             // The channel is new and larger than any bucket we keep.
-            let _ = tx.try_send(KvChange { key: k.clone(), value: Some(v.clone()) });
+            let _ = tx.try_send(KvChange {
+                key: k.clone(),
+                value: Some(v.clone()),
+            });
         }
         b.watchers.push(tx);
         Ok(ReceiverStream(rx).boxed())
@@ -186,23 +232,34 @@ mod tests {
     async fn request_reply_and_no_responders() {
         let bus = MemoryBus::new();
         assert!(matches!(
-            bus.request("x".into(), Bytes::new(), Duration::from_secs(1)).await,
+            bus.request("x".into(), Bytes::new(), Duration::from_secs(1))
+                .await,
             Err(BusError::NoResponders)
         ));
         let mut sub = bus.subscribe("x".into()).await.unwrap();
         let b2 = bus.clone();
         tokio::spawn(async move {
             let m = sub.next().await.unwrap();
-            b2.publish(m.reply.unwrap(), Bytes::from_static(b"pong")).await.unwrap();
+            b2.publish(m.reply.unwrap(), Bytes::from_static(b"pong"))
+                .await
+                .unwrap();
         });
-        let r = bus.request("x".into(), Bytes::from_static(b"ping"), Duration::from_secs(5)).await;
+        let r = bus
+            .request(
+                "x".into(),
+                Bytes::from_static(b"ping"),
+                Duration::from_secs(5),
+            )
+            .await;
         assert_eq!(r.unwrap(), Bytes::from_static(b"pong"));
     }
 
     #[tokio::test]
     async fn kv_watch_sees_current_then_changes() {
         let bus = MemoryBus::new();
-        bus.kv_put("b", "k1", Bytes::from_static(b"1")).await.unwrap();
+        bus.kv_put("b", "k1", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
         let mut w = bus.kv_watch("b").await.unwrap();
         assert_eq!(w.next().await.unwrap().key, "k1");
         bus.kv_delete("b", "k1").await.unwrap();

@@ -86,6 +86,12 @@ pub trait Bus: Send + Sync + 'static {
     /// When the write fails.
     async fn kv_put(&self, bucket: &str, key: &str, value: Bytes) -> Result<(), BusError>;
 
+    /// Reads `key` from `bucket`.
+    ///
+    /// # Errors
+    /// When the read fails.
+    async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>, BusError>;
+
     /// Deletes `key` from `bucket`.
     ///
     /// # Errors

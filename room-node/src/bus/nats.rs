@@ -64,12 +64,10 @@ impl NatsBus {
         let info = client.server_info();
         match parse_version(&info.version) {
             Some(v) if v >= MIN_SERVER => {}
-            _ => {
-                return Err(BusError::Unsupported(format!(
-                    "NATS server {} is too old: this cluster needs NATS {}.{} or newer with JetStream",
-                    info.version, MIN_SERVER.0, MIN_SERVER.1
-                )))
-            }
+            _ => return Err(BusError::Unsupported(format!(
+                "NATS server {} is too old: this cluster needs NATS {}.{} or newer with JetStream",
+                info.version, MIN_SERVER.0, MIN_SERVER.1
+            ))),
         }
         if !info.jetstream {
             return Err(BusError::Unsupported(format!(
@@ -87,14 +85,20 @@ impl NatsBus {
     }
 
     async fn store(&self, bucket: &str) -> Result<jetstream::kv::Store, BusError> {
-        self.js.get_key_value(bucket).await.map_err(|e| BusError::Other(e.to_string()))
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
     }
 }
 
 #[async_trait]
 impl Bus for NatsBus {
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), BusError> {
-        self.client.publish(subject, payload).await.map_err(|e| BusError::Other(e.to_string()))
+        self.client
+            .publish(subject, payload)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
     }
 
     async fn request(
@@ -103,7 +107,9 @@ impl Bus for NatsBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
-        let req = async_nats::Request::new().payload(payload).timeout(Some(timeout));
+        let req = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
         match self.client.send_request(subject, req).await {
             Ok(m) => Ok(m.payload),
             Err(e) => Err(match e.kind() {
@@ -115,9 +121,16 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self, subject: String) -> Result<BoxStream<'static, BusMessage>, BusError> {
-        let sub = self.client.subscribe(subject).await.map_err(|e| BusError::Other(e.to_string()))?;
+        let sub = self
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))?;
         Ok(sub
-            .map(|m| BusMessage { reply: m.reply.map(|r| r.to_string()), payload: m.payload })
+            .map(|m| BusMessage {
+                reply: m.reply.map(|r| r.to_string()),
+                payload: m.payload,
+            })
             .boxed())
     }
 
@@ -136,7 +149,9 @@ impl Bus for NatsBus {
             Ok(_) => Ok(()),
             // Another process created it between our check and create.
             Err(_) if self.js.get_key_value(bucket).await.is_ok() => Ok(()),
-            Err(e) => Err(BusError::Other(format!("cannot create bucket {bucket}: {e}"))),
+            Err(e) => Err(BusError::Other(format!(
+                "cannot create bucket {bucket}: {e}"
+            ))),
         }
     }
 
@@ -149,8 +164,20 @@ impl Bus for NatsBus {
             .map_err(|e| BusError::Other(e.to_string()))
     }
 
+    async fn kv_get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>, BusError> {
+        self.store(bucket)
+            .await?
+            .get(key)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
+    }
+
     async fn kv_delete(&self, bucket: &str, key: &str) -> Result<(), BusError> {
-        self.store(bucket).await?.delete(key).await.map_err(|e| BusError::Other(e.to_string()))
+        self.store(bucket)
+            .await?
+            .delete(key)
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
     }
 
     async fn kv_watch(&self, bucket: &str) -> Result<BoxStream<'static, KvChange>, BusError> {

@@ -127,7 +127,15 @@ pub(crate) fn to_message(
 ) -> Result<Message> {
     let user = UserId::new(&user)
         .map_err(|_| StoreError::Rejected(format!("stored user id {user:?} is invalid")))?;
-    Ok(Message { room: room.clone(), seq: to_seq(seq), id, user, text, ts, client_id })
+    Ok(Message {
+        room: room.clone(),
+        seq: to_seq(seq),
+        id,
+        user,
+        text,
+        ts,
+        client_id,
+    })
 }
 
 /// Orders a page's rows oldest first and says whether more exist.

@@ -48,8 +48,9 @@ impl PgStore {
     /// # Errors
     /// When the URL is malformed or the migrations fail.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        let opts: PgConnectOptions =
-            url.parse().map_err(|e| StoreError::Rejected(format!("bad database URL: {e}")))?;
+        let opts: PgConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Rejected(format!("bad database URL: {e}")))?;
         let mut delay = Duration::from_millis(200);
         let pool = loop {
             match PgPoolOptions::new()
@@ -114,7 +115,16 @@ impl Store for PgStore {
     }
 
     async fn load_room(&self, room: &RoomId, recent: u32, dedup: u32) -> Result<Snapshot> {
-        let (recent, _) = self.history(room, Page { before: None, after: None, limit: recent }).await?;
+        let (recent, _) = self
+            .history(
+                room,
+                Page {
+                    before: None,
+                    after: None,
+                    limit: recent,
+                },
+            )
+            .await?;
         let last_seq: Option<i64> =
             sqlx::query_scalar("SELECT max(seq) FROM messages WHERE room = $1")
                 .bind(room.as_str())
@@ -137,7 +147,11 @@ impl Store for PgStore {
                 keys.push((user, r.get(1), to_seq(r.get(2)), r.get(3)));
             }
         }
-        Ok(Snapshot { last_seq: to_seq(last_seq.unwrap_or(0)), recent, dedup: keys })
+        Ok(Snapshot {
+            last_seq: to_seq(last_seq.unwrap_or(0)),
+            recent,
+            dedup: keys,
+        })
     }
 
     async fn history(&self, room: &RoomId, page: Page) -> Result<(Vec<Message>, bool)> {
@@ -156,7 +170,17 @@ impl Store for PgStore {
             .map_err(classify)?;
         let msgs = rows
             .into_iter()
-            .map(|r| to_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .map(|r| {
+                to_message(
+                    room,
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(finish_page(msgs, page))
     }
@@ -184,7 +208,12 @@ impl Store for PgStore {
             .into_iter()
             .filter_map(|r| {
                 let user: String = r.get(0);
-                Some((UserId::new(&user).ok()?, r.get(1), to_seq(r.get(2)), r.get(3)))
+                Some((
+                    UserId::new(&user).ok()?,
+                    r.get(1),
+                    to_seq(r.get(2)),
+                    r.get(3),
+                ))
             })
             .collect())
     }

@@ -30,7 +30,9 @@ pub struct SqliteStore {
 fn classify(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db)
-            if db.is_unique_violation() || db.is_check_violation() || db.is_foreign_key_violation() =>
+            if db.is_unique_violation()
+                || db.is_check_violation()
+                || db.is_foreign_key_violation() =>
         {
             StoreError::Rejected(e.to_string())
         }
@@ -45,7 +47,10 @@ impl SqliteStore {
     /// When the directory or file cannot be created or migrated.
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display()))
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let path = dir.join("chat.db");
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
@@ -70,8 +75,10 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let all: Vec<(&RoomId, &super::Row)> =
-            batches.iter().flat_map(|b| b.rows.iter().map(move |r| (b.room, r))).collect();
+        let all: Vec<(&RoomId, &super::Row)> = batches
+            .iter()
+            .flat_map(|b| b.rows.iter().map(move |r| (b.room, r)))
+            .collect();
         for chunk in all.chunks(ROWS_PER_STATEMENT) {
             let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) ",
@@ -91,7 +98,16 @@ impl Store for SqliteStore {
     }
 
     async fn load_room(&self, room: &RoomId, recent: u32, dedup: u32) -> Result<Snapshot> {
-        let (recent, _) = self.history(room, Page { before: None, after: None, limit: recent }).await?;
+        let (recent, _) = self
+            .history(
+                room,
+                Page {
+                    before: None,
+                    after: None,
+                    limit: recent,
+                },
+            )
+            .await?;
         let last_seq: Option<i64> =
             sqlx::query_scalar("SELECT max(seq) FROM messages WHERE room = ?")
                 .bind(room.as_str())
@@ -113,7 +129,11 @@ impl Store for SqliteStore {
                 keys.push((user, r.get(1), to_seq(r.get(2)), r.get(3)));
             }
         }
-        Ok(Snapshot { last_seq: to_seq(last_seq.unwrap_or(0)), recent, dedup: keys })
+        Ok(Snapshot {
+            last_seq: to_seq(last_seq.unwrap_or(0)),
+            recent,
+            dedup: keys,
+        })
     }
 
     async fn history(&self, room: &RoomId, page: Page) -> Result<(Vec<Message>, bool)> {
@@ -132,7 +152,17 @@ impl Store for SqliteStore {
             .map_err(classify)?;
         let msgs = rows
             .into_iter()
-            .map(|r| to_message(room, r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .map(|r| {
+                to_message(
+                    room,
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(finish_page(msgs, page))
     }

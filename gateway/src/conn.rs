@@ -1,0 +1,248 @@
+//! A connection's outbound side: a bounded queue of ready-made text frames
+//! and one writer that drains it in batches (many frames, one flush). A
+//! full queue closes the connection as a slow consumer; it never stalls a
+//! room or other connections.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use chat_protocol::frames::close;
+use chat_protocol::ServerFrame;
+use futures::{Sink, SinkExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::METRICS;
+
+/// Frames the writer takes from the queue before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Shared close request: the first code set wins.
+#[derive(Debug, Default)]
+struct Closer {
+    token: CancellationToken,
+    code: AtomicU16,
+}
+
+/// A handle to send frames to one connection. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConnTx {
+    /// The connection's id within this gateway.
+    pub id: u64,
+    frames: mpsc::Sender<Message>,
+    closer: Arc<Closer>,
+}
+
+/// The receiving side, owned by the writer.
+#[derive(Debug)]
+pub struct ConnRx {
+    frames: mpsc::Receiver<Message>,
+    closer: Arc<Closer>,
+}
+
+/// A new queue of `capacity` frames for connection `id`.
+pub fn channel(id: u64, capacity: usize) -> (ConnTx, ConnRx) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let closer = Arc::new(Closer::default());
+    (
+        ConnTx {
+            id,
+            frames: tx,
+            closer: closer.clone(),
+        },
+        ConnRx { frames: rx, closer },
+    )
+}
+
+impl ConnTx {
+    /// Queues a frame without waiting. A full queue closes the connection
+    /// with 4008 (slow consumer). Returns whether the frame was queued.
+    pub fn try_deliver(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
+        match self.frames.try_send(Message::Text(frame)) {
+            Ok(()) => {
+                METRICS.frames_out.with_label_values(&[kind]).inc();
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.closer.token.is_cancelled() {
+                    METRICS.slow_consumers.inc();
+                    tracing::info!(conn.id = self.id, "slow consumer: closing");
+                }
+                self.close(close::SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a frame, waiting for room in the queue (for replies and
+    /// backlogs, where the connection's own pace is the right pace).
+    /// Returns false when the connection is gone.
+    pub async fn deliver(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
+        tokio::select! {
+            r = self.frames.send(Message::Text(frame)) => {
+                if r.is_ok() {
+                    METRICS.frames_out.with_label_values(&[kind]).inc();
+                }
+                r.is_ok()
+            }
+            _ = self.closer.token.cancelled() => false,
+        }
+    }
+
+    /// Queues a WebSocket ping unless the queue is full (a full queue
+    /// already means the peer is not reading).
+    pub fn ping(&self) {
+        // A full or closed queue makes the ping pointless, not wrong.
+        let _ = self.frames.try_send(Message::Ping(bytes::Bytes::new()));
+    }
+
+    /// Queues a server frame built by the gateway itself.
+    pub async fn reply(&self, frame: &ServerFrame) -> bool {
+        let bytes = frame.to_bytes();
+        match Utf8Bytes::try_from(bytes) {
+            Ok(t) => self.deliver(t, "reply").await,
+            Err(_) => false,
+        }
+    }
+
+    /// Asks the writer to close the connection with `code` (first wins).
+    pub fn close(&self, code: u16) {
+        // Only the first close code is kept.
+        let _ = self
+            .closer
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.closer.token.cancel();
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closed(&self) -> bool {
+        self.closer.token.is_cancelled()
+    }
+
+    /// Resolves when a close is requested.
+    pub async fn closed(&self) {
+        self.closer.token.cancelled().await;
+    }
+
+    /// The close code requested, if any.
+    pub fn close_code(&self) -> Option<u16> {
+        match self.closer.code.load(Ordering::Acquire) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+}
+
+/// Why the writer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterEnd {
+    /// A close was requested and sent with this code.
+    Closed(u16),
+    /// Every sender is gone.
+    Done,
+    /// The socket failed.
+    Failed,
+}
+
+impl ConnRx {
+    /// Drains the queue into `sink` until a close is requested, every
+    /// sender is gone, or the socket fails. Frames still queued when a
+    /// close arrives are written first (except for slow consumers, whose
+    /// queue is the problem).
+    pub async fn run<S>(mut self, mut sink: S) -> WriterEnd
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                n = self.frames.recv_many(&mut batch, WRITE_BATCH) => {
+                    if n == 0 {
+                        return WriterEnd::Done;
+                    }
+                    if write_batch(&mut sink, &mut batch).await.is_err() {
+                        return WriterEnd::Failed;
+                    }
+                }
+                _ = self.closer.token.cancelled() => {
+                    let code = match self.closer.code.load(Ordering::Acquire) {
+                        0 => close::INTERNAL,
+                        c => c,
+                    };
+                    if code != close::SLOW_CONSUMER {
+                        while let Ok(f) = self.frames.try_recv() {
+                            batch.push(f);
+                        }
+                        // The peer may be gone; the close is best effort.
+                        let _ = write_batch(&mut sink, &mut batch).await;
+                    }
+                    let reason = match code {
+                        close::SLOW_CONSUMER => "slow consumer",
+                        close::RESTART => "server restarting; reconnect and resume with since",
+                        close::PING_TIMEOUT => "ping timeout",
+                        close::TOO_BIG => "frame too big",
+                        close::INVALID_UTF8 => "invalid UTF-8",
+                        _ => "closing",
+                    };
+                    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+                    // Best effort, as above.
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    return WriterEnd::Closed(code);
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch<S>(sink: &mut S, batch: &mut Vec<Message>) -> Result<(), S::Error>
+where
+    S: Sink<Message> + Unpin,
+{
+    let mut bytes = 0u64;
+    for m in batch.drain(..) {
+        if let Message::Text(t) = &m {
+            bytes += t.len() as u64;
+        }
+        sink.feed(m).await?;
+    }
+    sink.flush().await?;
+    METRICS.bytes_out.inc_by(bytes);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn writes_in_order_then_closes_with_code() {
+        let (tx, rx) = channel(1, 8);
+        let (sink, mut out) = futures::channel::mpsc::unbounded::<Message>();
+        let writer = tokio::spawn(rx.run(sink));
+        assert!(tx.try_deliver(Utf8Bytes::from_static("a"), "message"));
+        assert!(tx.deliver(Utf8Bytes::from_static("b"), "reply").await);
+        assert_eq!(out.next().await, Some(Message::Text("a".into())));
+        assert_eq!(out.next().await, Some(Message::Text("b".into())));
+        tx.close(close::RESTART);
+        assert_eq!(writer.await.unwrap(), WriterEnd::Closed(close::RESTART));
+        match out.next().await {
+            Some(Message::Close(Some(f))) => assert_eq!(f.code, close::RESTART),
+            other => panic!("expected close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_closes_as_slow_consumer() {
+        let (tx, _rx) = channel(1, 2);
+        assert!(tx.try_deliver(Utf8Bytes::from_static("1"), "message"));
+        assert!(tx.try_deliver(Utf8Bytes::from_static("2"), "message"));
+        assert!(!tx.try_deliver(Utf8Bytes::from_static("3"), "message"));
+        assert!(tx.is_closed());
+        assert_eq!(tx.close_code(), Some(close::SLOW_CONSUMER));
+    }
+}

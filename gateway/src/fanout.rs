@@ -1,0 +1,736 @@
+//! Per-room fan-out on a gateway. One task per room that has at least one
+//! local member holds the room's single bus subscription and forwards each
+//! event's bytes, unchanged, to every local member's queue.
+//!
+//! The room task keeps the last seq it delivered. Core NATS is at most
+//! once, so a seq that skips ahead parks the event and fetches the missing
+//! range from the owner before anything later is delivered; a member who
+//! stays connected never misses a message silently. A joining member gets
+//! `joined` and its backlog from a join task while the room task keeps
+//! serving others; when the backlog is written, the room task tops the
+//! member up from its recent ring and makes it live. Each member has a
+//! cursor, so no frame is delivered to it twice.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use chat_protocol::bus::{Event, NodeRequest, ReplyHead};
+use chat_protocol::subjects::Subjects;
+use chat_protocol::{ErrorCode, NodeId, RoomId, ServerFrame, UserId};
+use chat_room_node::bus::{Bus, BusMessage};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::conn::ConnTx;
+use crate::metrics::METRICS;
+use crate::route::NodeClient;
+
+/// Commands a room task's mailbox holds.
+const ROOM_MAILBOX: usize = 1024;
+/// Recent frames a room task keeps to top up members finishing a join.
+const RING: usize = 256;
+/// Most events parked ahead of a gap.
+const MAX_AHEAD: usize = 10_000;
+/// Page size when fetching a backlog or a gap from the owner.
+const PAGE: u32 = 500;
+/// How long the owner may be known to be ahead before we fetch the tail.
+const TAIL_CHECK: Duration = Duration::from_millis(500);
+
+/// Why a join failed, as an error frame for the client.
+pub type JoinResult = Result<(), ServerFrame>;
+
+/// The rooms of one gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct RoomHub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    rooms: Mutex<HashMap<RoomId, mpsc::Sender<Cmd>>>,
+    bus: Arc<dyn Bus>,
+    subjects: Subjects,
+    client: NodeClient,
+    gateway: NodeId,
+}
+
+enum Cmd {
+    Add {
+        conn: ConnTx,
+        user: UserId,
+        since: Option<u64>,
+        done: oneshot::Sender<JoinResult>,
+    },
+    Remove {
+        conn: u64,
+    },
+    Caught {
+        conn: u64,
+        upto: u64,
+    },
+    JoinFailed {
+        conn: u64,
+    },
+    Repaired {
+        frames: Vec<(u64, Utf8Bytes)>,
+        ok: bool,
+    },
+}
+
+impl RoomHub {
+    /// A hub for gateway `gateway`.
+    pub fn new(bus: Arc<dyn Bus>, subjects: Subjects, client: NodeClient, gateway: NodeId) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                rooms: Mutex::new(HashMap::new()),
+                bus,
+                subjects,
+                client,
+                gateway,
+            }),
+        }
+    }
+
+    /// The id members are registered under at room owners.
+    pub fn gateway_id(&self) -> &NodeId {
+        &self.inner.gateway
+    }
+
+    /// Joins `conn` to `room`: `joined`, the backlog, then live messages
+    /// are queued to it. Resolves once the owner accepted or refused.
+    pub async fn join(
+        &self,
+        room: RoomId,
+        conn: ConnTx,
+        user: UserId,
+        since: Option<u64>,
+    ) -> JoinResult {
+        let (done, rx) = oneshot::channel();
+        let mut cmd = Cmd::Add {
+            conn,
+            user,
+            since,
+            done,
+        };
+        for _ in 0..3 {
+            let tx = self.room_sender(&room).await;
+            match tx.send(cmd).await {
+                Ok(()) => {
+                    return rx.await.unwrap_or_else(|_| {
+                        Err(ServerFrame::error(
+                            ErrorCode::Internal,
+                            "join was interrupted",
+                        ))
+                    })
+                }
+                // The room task ended between lookup and send: start anew.
+                Err(mpsc::error::SendError(c)) => {
+                    self.forget(&room, &tx);
+                    cmd = c;
+                }
+            }
+        }
+        Err(ServerFrame::error(
+            ErrorCode::Internal,
+            "could not join the room",
+        ))
+    }
+
+    /// Removes `conn` from `room` (and from the owner's roster).
+    pub async fn leave(&self, room: &RoomId, conn: u64) {
+        let tx = self
+            .inner
+            .rooms
+            .lock()
+            .expect("hub lock")
+            .get(room)
+            .cloned();
+        if let Some(tx) = tx {
+            // A room task that already ended has no member to remove.
+            let _ = tx.send(Cmd::Remove { conn }).await;
+        }
+    }
+
+    /// Rooms with a subscription on this gateway.
+    pub fn room_count(&self) -> usize {
+        self.inner.rooms.lock().expect("hub lock").len()
+    }
+
+    fn forget(&self, room: &RoomId, tx: &mpsc::Sender<Cmd>) {
+        let mut rooms = self.inner.rooms.lock().expect("hub lock");
+        if rooms.get(room).is_some_and(|t| t.same_channel(tx)) {
+            rooms.remove(room);
+        }
+    }
+
+    async fn room_sender(&self, room: &RoomId) -> mpsc::Sender<Cmd> {
+        if let Some(tx) = self.inner.rooms.lock().expect("hub lock").get(room) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        // Subscribe before anyone can ask the owner for a backlog, so no
+        // event committed after the backlog can be missed.
+        let subject = self.inner.subjects.room_events(room);
+        let events = match self.inner.bus.subscribe(subject).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "cannot subscribe to room events");
+                futures::stream::pending().boxed()
+            }
+        };
+        let mut rooms = self.inner.rooms.lock().expect("hub lock");
+        if let Some(tx) = rooms.get(room) {
+            if !tx.is_closed() {
+                // Someone else created it meanwhile; ours is dropped.
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(ROOM_MAILBOX);
+        rooms.insert(room.clone(), tx.clone());
+        METRICS.rooms.inc();
+        let task = RoomTask {
+            room: room.clone(),
+            hub: self.clone(),
+            tx: tx.downgrade(),
+            rx,
+            members: HashMap::new(),
+            delivered: None,
+            ring: VecDeque::new(),
+            ahead: BTreeMap::new(),
+            repairing: false,
+            tail: None,
+        };
+        tokio::spawn(task.run(events));
+        tx
+    }
+}
+
+struct Member {
+    conn: ConnTx,
+    user: UserId,
+    cursor: u64,
+    live: bool,
+    /// Left while its join was still in flight: unregister once it lands.
+    leaving: bool,
+}
+
+struct RoomTask {
+    room: RoomId,
+    hub: RoomHub,
+    tx: mpsc::WeakSender<Cmd>,
+    rx: mpsc::Receiver<Cmd>,
+    members: HashMap<u64, Member>,
+    /// Last seq delivered to live members; `None` until the first join
+    /// tells us where the room stands.
+    delivered: Option<u64>,
+    ring: VecDeque<(u64, Utf8Bytes)>,
+    ahead: BTreeMap<u64, Utf8Bytes>,
+    repairing: bool,
+    /// The owner's last seq as a join reported it, when ahead of us, and
+    /// when we learned it.
+    tail: Option<(u64, Instant)>,
+}
+
+/// Reads the `seq` of a message frame (only on repair and backlog paths).
+fn frame_seq(frame: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    serde_json::from_slice::<Seq>(frame).ok().map(|s| s.seq)
+}
+
+fn text(frame: Bytes) -> Option<Utf8Bytes> {
+    Utf8Bytes::try_from(frame).ok()
+}
+
+impl RoomTask {
+    async fn run(mut self, mut events: BoxStream<'static, BusMessage>) {
+        loop {
+            let tail_at = self.tail.map(|(_, at)| at + TAIL_CHECK);
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(m) => self.on_event(m.payload),
+                    None => {
+                        tracing::warn!(room = %self.room, "room subscription ended; resubscribing");
+                        events = self.resubscribe().await;
+                    }
+                },
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(tail_at.unwrap_or_else(Instant::now)), if tail_at.is_some() => {
+                    self.check_tail();
+                }
+            }
+            if self.members.is_empty() && self.try_retire() {
+                break;
+            }
+        }
+        METRICS.rooms.dec();
+    }
+
+    async fn resubscribe(&self) -> BoxStream<'static, BusMessage> {
+        let subject = self.hub.inner.subjects.room_events(&self.room);
+        loop {
+            match self.hub.inner.bus.subscribe(subject.clone()).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    tracing::warn!(room = %self.room, error = %e, "resubscribe failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Ends the task if no command is waiting; the hub lock makes the check
+    /// and the removal atomic with respect to new joins.
+    fn try_retire(&mut self) -> bool {
+        let mut rooms = self.hub.inner.rooms.lock().expect("hub lock");
+        if !self.rx.is_empty() {
+            return false;
+        }
+        if let Some(tx) = self.tx.upgrade() {
+            if rooms.get(&self.room).is_some_and(|t| t.same_channel(&tx)) {
+                rooms.remove(&self.room);
+            }
+        }
+        true
+    }
+
+    fn on_event(&mut self, payload: Bytes) {
+        match Event::decode(&payload) {
+            Ok(Event::Message { seq, frame }) => {
+                if let Some(frame) = text(frame) {
+                    self.on_message(seq, frame);
+                }
+            }
+            Ok(Event::Presence { frame }) => {
+                if let Some(frame) = text(frame) {
+                    for m in self.members.values().filter(|m| m.live) {
+                        m.conn.try_deliver(frame.clone(), "presence");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(room = %self.room, error = %e, "undecodable room event"),
+        }
+    }
+
+    fn on_message(&mut self, seq: u64, frame: Utf8Bytes) {
+        if self.delivered.is_some_and(|d| seq <= d) {
+            return;
+        }
+        self.ahead.insert(seq, frame);
+        while self.ahead.len() > MAX_AHEAD {
+            self.ahead.pop_first();
+        }
+        self.advance();
+    }
+
+    /// Delivers every parked event that continues the sequence, then asks
+    /// the owner for whatever gap remains.
+    fn advance(&mut self) {
+        let Some(mut d) = self.delivered else { return };
+        while let Some(frame) = self.ahead.remove(&(d + 1)) {
+            d += 1;
+            for m in self.members.values_mut() {
+                if m.live && m.cursor < d {
+                    m.cursor = d;
+                    m.conn.try_deliver(frame.clone(), "message");
+                }
+            }
+            self.ring.push_back((d, frame));
+            if self.ring.len() > RING {
+                self.ring.pop_front();
+            }
+        }
+        self.delivered = Some(d);
+        // Anything at or below what we delivered is stale.
+        while self.ahead.first_key_value().is_some_and(|(s, _)| *s <= d) {
+            self.ahead.pop_first();
+        }
+        if self.tail.is_some_and(|(t, _)| t <= d) {
+            self.tail = None;
+        }
+        if let Some((&next, _)) = self.ahead.first_key_value() {
+            self.repair(d, next);
+        }
+    }
+
+    /// Fetches `after < seq < before` from the owner, in the background.
+    fn repair(&mut self, after: u64, before: u64) {
+        if self.repairing || self.members.is_empty() {
+            return;
+        }
+        self.repairing = true;
+        METRICS.gap_repairs.inc();
+        let client = self.hub.inner.client.clone();
+        let room = self.room.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let req = NodeRequest::History {
+                room,
+                before: Some(before),
+                after: Some(after),
+                limit: PAGE,
+            };
+            let (frames, ok) = match client.call(&req).await {
+                Ok((ReplyHead::History { .. }, frames)) => (
+                    frames
+                        .into_iter()
+                        .filter_map(|f| Some((frame_seq(&f)?, text(f)?)))
+                        .collect(),
+                    true,
+                ),
+                _ => (Vec::new(), false),
+            };
+            if !ok {
+                // Let the owner settle before the next try.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            if let Some(tx) = tx.upgrade() {
+                // The room task may have ended; then nobody needs it.
+                let _ = tx.send(Cmd::Repaired { frames, ok }).await;
+            }
+        });
+    }
+
+    fn check_tail(&mut self) {
+        let Some((tail, _)) = self.tail else { return };
+        match self.delivered {
+            Some(d) if d < tail => {
+                self.tail = Some((tail, Instant::now()));
+                self.repair(d, tail + 1);
+            }
+            _ => self.tail = None,
+        }
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Add {
+                conn,
+                user,
+                since,
+                done,
+            } => {
+                let id = conn.id;
+                if self.members.contains_key(&id) {
+                    // Already joined on this connection: nothing to redo (and
+                    // a session that stopped waiting does not care).
+                    let _ = done.send(Ok(()));
+                    return;
+                }
+                self.members.insert(
+                    id,
+                    Member {
+                        conn: conn.clone(),
+                        user: user.clone(),
+                        cursor: 0,
+                        live: false,
+                        leaving: false,
+                    },
+                );
+                let Some(tx) = self.tx.upgrade() else { return };
+                tokio::spawn(join_task(
+                    self.hub.clone(),
+                    self.room.clone(),
+                    conn,
+                    user,
+                    since,
+                    tx,
+                    done,
+                ));
+            }
+            Cmd::Remove { conn } => match self.members.get_mut(&conn) {
+                // The join is still on its way to the owner: a leave sent now
+                // could overtake it, so unregister when it lands.
+                Some(m) if !m.live => m.leaving = true,
+                Some(_) => {
+                    if let Some(m) = self.members.remove(&conn) {
+                        self.send_leave(m.user, conn);
+                    }
+                }
+                None => {}
+            },
+            Cmd::JoinFailed { conn } => {
+                self.members.remove(&conn);
+            }
+            Cmd::Caught { conn, upto } => self.on_caught(conn, upto),
+            Cmd::Repaired { frames, ok } => {
+                self.repairing = false;
+                for (seq, frame) in frames {
+                    if self.delivered.is_none_or(|d| seq > d) {
+                        self.ahead.insert(seq, frame);
+                    }
+                }
+                if ok {
+                    self.advance();
+                } else if let (Some(d), Some((&next, _))) =
+                    (self.delivered, self.ahead.first_key_value())
+                {
+                    self.repair(d, next);
+                }
+            }
+        }
+    }
+
+    fn on_caught(&mut self, conn: u64, upto: u64) {
+        match self.members.get(&conn) {
+            None => return,
+            Some(m) if m.leaving => {
+                if let Some(m) = self.members.remove(&conn) {
+                    self.send_leave(m.user, conn);
+                }
+                return;
+            }
+            Some(_) => {}
+        }
+        let delivered = match self.delivered {
+            Some(d) => d,
+            None => {
+                self.delivered = Some(upto);
+                self.advance();
+                upto
+            }
+        };
+        if upto > delivered {
+            // The owner is ahead of our stream: events are in flight, or
+            // were lost and must be fetched if they do not come soon.
+            if self.tail.is_none_or(|(t, _)| t < upto) {
+                self.tail = Some((upto, Instant::now()));
+            }
+        }
+        let first_in_ring = self.ring.front().map_or(delivered + 1, |(s, _)| *s);
+        let m = self.members.get_mut(&conn).expect("checked above");
+        m.cursor = m.cursor.max(upto);
+        if m.cursor >= delivered || m.cursor + 1 >= first_in_ring {
+            for (seq, frame) in &self.ring {
+                if *seq > m.cursor {
+                    m.conn.try_deliver(frame.clone(), "message");
+                    m.cursor = *seq;
+                }
+            }
+            m.live = true;
+        } else {
+            // Too far behind for the ring: page the rest from the owner.
+            let Some(tx) = self.tx.upgrade() else { return };
+            tokio::spawn(backfill_task(
+                self.hub.inner.client.clone(),
+                self.room.clone(),
+                m.conn.clone(),
+                m.cursor,
+                delivered,
+                tx,
+            ));
+        }
+    }
+
+    fn send_leave(&self, user: UserId, conn: u64) {
+        let client = self.hub.inner.client.clone();
+        let req = NodeRequest::Leave {
+            room: self.room.clone(),
+            user,
+            gateway: self.hub.inner.gateway.clone(),
+            conn,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = client.call(&req).await {
+                tracing::warn!(error = %e, "leave not delivered to the owner");
+            }
+        });
+    }
+}
+
+/// Asks the owner to register the member, queues `joined` and the backlog,
+/// then tells the room task where the member stands.
+async fn join_task(
+    hub: RoomHub,
+    room: RoomId,
+    conn: ConnTx,
+    user: UserId,
+    since: Option<u64>,
+    tx: mpsc::Sender<Cmd>,
+    done: oneshot::Sender<JoinResult>,
+) {
+    let id = conn.id;
+    let req = NodeRequest::Join {
+        room: room.clone(),
+        user,
+        gateway: hub.inner.gateway.clone(),
+        conn: id,
+        since,
+    };
+    let failure = match hub.inner.client.call(&req).await {
+        Ok((
+            ReplyHead::Joined {
+                last_seq,
+                members,
+                complete,
+            },
+            frames,
+        )) => {
+            return joined(
+                hub,
+                room,
+                conn,
+                since,
+                tx,
+                done,
+                (last_seq, members, complete),
+                frames,
+            )
+            .await;
+        }
+        Ok((
+            ReplyHead::Error {
+                code,
+                message,
+                retry_after_ms,
+            },
+            _,
+        )) => ServerFrame::Error {
+            code,
+            message,
+            reference: None,
+            retry_after_ms,
+        },
+        Ok((other, _)) => {
+            tracing::warn!(%room, reply = ?other, "unexpected reply to join");
+            ServerFrame::error(ErrorCode::Internal, "unexpected reply from the room owner")
+        }
+        Err(e) => ServerFrame::Error {
+            code: e.code(),
+            message: e.to_string(),
+            reference: None,
+            retry_after_ms: Some(1000),
+        },
+    };
+    // The room task or the session may be gone; then nobody waits.
+    let _ = tx.send(Cmd::JoinFailed { conn: id }).await;
+    let _ = done.send(Err(failure));
+}
+
+/// The owner registered the member: queue `joined` and the backlog.
+#[allow(clippy::too_many_arguments)]
+async fn joined(
+    hub: RoomHub,
+    room: RoomId,
+    conn: ConnTx,
+    since: Option<u64>,
+    tx: mpsc::Sender<Cmd>,
+    done: oneshot::Sender<JoinResult>,
+    (last_seq, members, complete): (u64, u64, bool),
+    frames: Vec<Bytes>,
+) {
+    let id = conn.id;
+    // The session learns of success before the frames, so a send right
+    // after `joined` is accepted; a session that is gone does not care.
+    let _ = done.send(Ok(()));
+    if !conn
+        .reply(&ServerFrame::Joined {
+            room: room.clone(),
+            last_seq,
+            members,
+        })
+        .await
+    {
+        return;
+    }
+    let mut cursor = since.unwrap_or(0).min(last_seq);
+    for f in frames {
+        if let Some(seq) = frame_seq(&f) {
+            cursor = seq;
+        }
+        if let Some(t) = text(f) {
+            if !conn.deliver(t, "message").await {
+                return;
+            }
+        }
+    }
+    if !complete
+        && page_range(&hub.inner.client, &room, &conn, cursor, last_seq)
+            .await
+            .is_none()
+    {
+        // The connection is closing; its session removes the member.
+        return;
+    }
+    // The member is now exactly at `last_seq`. The room task outlives this
+    // send unless it is shutting down, when nobody needs the answer.
+    let _ = tx
+        .send(Cmd::Caught {
+            conn: id,
+            upto: last_seq,
+        })
+        .await;
+}
+
+/// Delivers `after < seq <= upto` from the owner in pages; returns the last
+/// seq delivered, or `None` when the connection went away or the owner
+/// could not be reached (then the connection is closed so the client
+/// resumes with `since` rather than silently missing messages).
+async fn page_range(
+    client: &NodeClient,
+    room: &RoomId,
+    conn: &ConnTx,
+    mut after: u64,
+    upto: u64,
+) -> Option<u64> {
+    while after < upto {
+        let req = NodeRequest::History {
+            room: room.clone(),
+            before: Some(upto + 1),
+            after: Some(after),
+            limit: PAGE,
+        };
+        match client.call(&req).await {
+            Ok((ReplyHead::History { .. }, frames)) if !frames.is_empty() => {
+                for f in frames {
+                    let seq = frame_seq(&f)?;
+                    let t = text(f)?;
+                    if seq > after {
+                        if !conn.deliver(t, "message").await {
+                            return None;
+                        }
+                        after = seq;
+                    }
+                }
+            }
+            other => {
+                tracing::warn!(%room, reply = ?other.map(|r| r.0), "backlog page failed; closing so the client resumes");
+                conn.close(chat_protocol::frames::close::INTERNAL);
+                return None;
+            }
+        }
+    }
+    Some(after)
+}
+
+async fn backfill_task(
+    client: NodeClient,
+    room: RoomId,
+    conn: ConnTx,
+    after: u64,
+    upto: u64,
+    tx: mpsc::Sender<Cmd>,
+) {
+    if page_range(&client, &room, &conn, after, upto)
+        .await
+        .is_some()
+    {
+        // A room task that ended has no member to make live.
+        let _ = tx
+            .send(Cmd::Caught {
+                conn: conn.id,
+                upto,
+            })
+            .await;
+    }
+}

@@ -1,0 +1,92 @@
+//! The gateway's HTTP surface: `/ws`, the demo page, probes and metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::metrics::METRICS;
+use crate::session::Session;
+use crate::state::AppState;
+
+/// The demo page and reference client: plain HTML and JS, no build step.
+const INDEX_HTML: &str = include_str!("../static/index.html");
+/// Socket read buffer: small, since client frames are small; tungstenite's
+/// 128 KiB default would dominate the memory of an idle connection.
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes gathered before a socket write; the writer flushes each batch.
+const WRITE_BUFFER: usize = 8 * 1024;
+/// Most bytes waiting to be written before writes fail.
+const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// The router; tests can call it without a network.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/ws", get(ws))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    chat_room_node::metrics::render(),
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    if state.client.placement().is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no room node is live").into_response();
+    }
+    (StatusCode::OK, "ready").into_response()
+}
+
+async fn ws(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if state.is_draining() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "gateway is draining; connect to another",
+        );
+    }
+    let identity = match state.auth.authenticate(&headers, &query) {
+        Ok(i) => i,
+        Err(e) => {
+            METRICS.auth_failures.inc();
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+        }
+    };
+    let max = state.config.max_frame_bytes;
+    let tracker = state.sessions.clone();
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| tracker.track_future(Session::run(state, identity.user, socket)))
+}

@@ -1,0 +1,113 @@
+//! Every gateway metric, declared once in the process's default registry.
+//! Labels stay low-cardinality: never a room or user id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram, register_int_counter, register_int_counter_vec, register_int_gauge,
+    Histogram, IntCounter, IntCounterVec, IntGauge,
+};
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Accepted WebSocket connections.
+    pub connects: IntCounter,
+    /// Closed connections by reason.
+    pub disconnects: IntCounterVec,
+    /// Client frames received by type.
+    pub frames_in: IntCounterVec,
+    /// Frames queued to clients by kind (`message`, `presence`, `reply`).
+    pub frames_out: IntCounterVec,
+    /// Bytes written to clients.
+    pub bytes_out: IntCounter,
+    /// Connections closed because their outbound queue overflowed.
+    pub slow_consumers: IntCounter,
+    /// Upgrade requests refused for missing or bad credentials.
+    pub auth_failures: IntCounter,
+    /// Time from a `send` frame to its `ack`.
+    pub send_ack_seconds: Histogram,
+    /// Failed requests to room nodes by kind.
+    pub node_request_errors: IntCounterVec,
+    /// Rooms with a subscription on this gateway.
+    pub rooms: IntGauge,
+    /// Live room nodes in this gateway's ring.
+    pub ring_nodes: IntGauge,
+    /// Missing seq ranges fetched from a room's owner.
+    pub gap_repairs: IntCounter,
+}
+
+/// The process-wide instance.
+pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
+    let latency = vec![
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+    ];
+    GatewayMetrics {
+        connections: register_int_gauge!("chat_gateway_connections", "Open WebSocket connections")
+            .unwrap(),
+        connects: register_int_counter!(
+            "chat_gateway_connects_total",
+            "Accepted WebSocket connections"
+        )
+        .unwrap(),
+        disconnects: register_int_counter_vec!(
+            "chat_gateway_disconnects_total",
+            "Closed connections by reason",
+            &["reason"]
+        )
+        .unwrap(),
+        frames_in: register_int_counter_vec!(
+            "chat_gateway_frames_in_total",
+            "Client frames received by type",
+            &["type"]
+        )
+        .unwrap(),
+        frames_out: register_int_counter_vec!(
+            "chat_gateway_frames_out_total",
+            "Frames queued to clients by kind",
+            &["kind"]
+        )
+        .unwrap(),
+        bytes_out: register_int_counter!(
+            "chat_gateway_bytes_out_total",
+            "Bytes written to clients"
+        )
+        .unwrap(),
+        slow_consumers: register_int_counter!(
+            "chat_gateway_slow_consumer_closes_total",
+            "Connections closed for a full outbound queue"
+        )
+        .unwrap(),
+        auth_failures: register_int_counter!(
+            "chat_gateway_auth_failures_total",
+            "Upgrades refused for bad credentials"
+        )
+        .unwrap(),
+        send_ack_seconds: register_histogram!(
+            "chat_gateway_send_ack_seconds",
+            "Time from send to ack",
+            latency
+        )
+        .unwrap(),
+        node_request_errors: register_int_counter_vec!(
+            "chat_gateway_node_request_errors_total",
+            "Failed requests to room nodes by kind",
+            &["kind"]
+        )
+        .unwrap(),
+        rooms: register_int_gauge!("chat_gateway_rooms", "Rooms subscribed on this gateway")
+            .unwrap(),
+        ring_nodes: register_int_gauge!(
+            "chat_gateway_ring_nodes",
+            "Live room nodes in the placement ring"
+        )
+        .unwrap(),
+        gap_repairs: register_int_counter!(
+            "chat_gateway_gap_repairs_total",
+            "Missing seq ranges fetched from owners"
+        )
+        .unwrap(),
+    }
+});

@@ -1,0 +1,405 @@
+//! One WebSocket connection: decode each client frame, act on it, answer.
+//! The session owns the connection's joined-room set; fan-out and replies
+//! reach the socket only through the connection's bounded queue.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Message;
+use chat_protocol::bus::{NodeRequest, ReplyHead};
+use chat_protocol::frames::{
+    close, decode_client, Limits, DEFAULT_BACKLOG, MAX_HISTORY_LIMIT, PROTOCOL_VERSION,
+};
+use chat_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, UserId};
+use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::{Future, Sink, Stream, StreamExt};
+
+use crate::conn::{self, ConnTx};
+use crate::metrics::METRICS;
+use crate::state::AppState;
+
+/// Sends a connection may have waiting for their ack before the gateway
+/// stops reading from it (back-pressure instead of unbounded buffering).
+const MAX_PENDING_SENDS: usize = 256;
+
+type SendFuture = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+type JoinFuture = Pin<Box<dyn Future<Output = (RoomId, crate::fanout::JoinResult)> + Send>>;
+
+/// A connection's session.
+pub struct Session {
+    state: Arc<AppState>,
+    user: UserId,
+    conn: ConnTx,
+    joined: HashSet<RoomId>,
+    sends: FuturesOrdered<SendFuture>,
+    joins: FuturesUnordered<JoinFuture>,
+}
+
+/// How a read from the socket went wrong.
+fn read_error_code(e: &axum::Error) -> Option<u16> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        if let Some(t) = err.downcast_ref::<tungstenite::Error>() {
+            return match t {
+                tungstenite::Error::Capacity(_) => Some(close::TOO_BIG),
+                tungstenite::Error::Utf8(_) => Some(close::INVALID_UTF8),
+                _ => None,
+            };
+        }
+        src = err.source();
+    }
+    None
+}
+
+impl Session {
+    /// Runs the connection until the client leaves, the server drains, or
+    /// the connection is closed for cause. `socket` is any sink/stream of
+    /// WebSocket messages, so tests can drive it with channels.
+    pub async fn run<S>(state: Arc<AppState>, user: UserId, socket: S)
+    where
+        S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Send + 'static,
+        <S as Sink<Message>>::Error: Send,
+    {
+        let id = state.next_conn_id();
+        let (tx, rx) = conn::channel(id, state.config.outbound_queue);
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(rx.run(sink));
+        METRICS.connections.inc();
+        METRICS.connects.inc();
+        let span = tracing::info_span!("conn", conn.id = id, user.id = %user);
+        let mut session = Session {
+            state: state.clone(),
+            user,
+            conn: tx.clone(),
+            joined: HashSet::new(),
+            sends: FuturesOrdered::new(),
+            joins: FuturesUnordered::new(),
+        };
+        let reason = tracing::Instrument::instrument(session.serve(stream), span).await;
+        METRICS.disconnects.with_label_values(&[reason]).inc();
+        for room in session.joined.drain() {
+            state.hub.leave(&room, id).await;
+        }
+        // Give the writer the chance to send its close frame.
+        if !tx.is_closed() {
+            tx.close(1000);
+        }
+        drop(session);
+        drop(tx);
+        // The writer ends once the close frame is out or the socket failed.
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        METRICS.connections.dec();
+    }
+
+    async fn serve<R>(&mut self, mut stream: R) -> &'static str
+    where
+        R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+    {
+        let cfg = self.state.config.clone();
+        let limits = Limits {
+            max_frame_bytes: cfg.max_frame_bytes,
+            max_message_bytes: cfg.max_message_bytes,
+            max_rooms: cfg.max_rooms_per_conn,
+            max_history: MAX_HISTORY_LIMIT,
+        };
+        let hello = ServerFrame::Hello {
+            user: self.user.clone(),
+            protocol: PROTOCOL_VERSION,
+            limits,
+        };
+        if !self.conn.reply(&hello).await {
+            return "closed";
+        }
+        let mut last_seen = Instant::now();
+        let mut ping = tokio::time::interval(cfg.ping_interval);
+        ping.reset();
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                msg = stream.next(), if self.sends.len() < MAX_PENDING_SENDS => {
+                    last_seen = Instant::now();
+                    match msg {
+                        Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await,
+                        Some(Ok(Message::Binary(_))) => {
+                            METRICS.frames_in.with_label_values(&["binary"]).inc();
+                            self.conn.reply(&ServerFrame::error(ErrorCode::BadFrame, "frames are JSON text, not binary")).await;
+                        }
+                        Some(Ok(Message::Close(_))) | None => return "client",
+                        Some(Ok(_)) => {} // ping/pong: liveness only
+                        Some(Err(e)) => {
+                            return match read_error_code(&e) {
+                                Some(code) => {
+                                    self.conn.close(code);
+                                    if code == close::TOO_BIG { "too_big" } else { "invalid_utf8" }
+                                }
+                                None => "error",
+                            };
+                        }
+                    }
+                }
+                Some(frame) = self.sends.next(), if !self.sends.is_empty() => {
+                    self.conn.reply(&frame).await;
+                }
+                Some((room, res)) = self.joins.next(), if !self.joins.is_empty() => {
+                    if let Err(frame) = res {
+                        self.joined.remove(&room);
+                        self.conn.reply(&frame).await;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > cfg.ping_timeout {
+                        self.conn.close(close::PING_TIMEOUT);
+                        return "ping_timeout";
+                    }
+                    self.conn.ping();
+                }
+                _ = self.conn.closed() => {
+                    return match self.conn.close_code() {
+                        Some(close::SLOW_CONSUMER) => "slow_consumer",
+                        _ => "closed",
+                    };
+                }
+                _ = shutdown.cancelled() => {
+                    self.conn.close(close::RESTART);
+                    return "draining";
+                }
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let frame = match decode_client(text) {
+            Ok(f) => f,
+            Err(e) => {
+                METRICS.frames_in.with_label_values(&["invalid"]).inc();
+                self.conn
+                    .reply(&ServerFrame::error(e.code(), e.to_string()))
+                    .await;
+                return;
+            }
+        };
+        let kind = match &frame {
+            ClientFrame::Join { .. } => "join",
+            ClientFrame::Leave { .. } => "leave",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Refresh { .. } => "refresh",
+            ClientFrame::Ping => "ping",
+        };
+        METRICS.frames_in.with_label_values(&[kind]).inc();
+        match frame {
+            ClientFrame::Ping => {
+                self.conn.reply(&ServerFrame::Pong).await;
+            }
+            ClientFrame::Join { room, since } => self.on_join(room, since).await,
+            ClientFrame::Leave { room } => {
+                if self.joined.remove(&room) {
+                    self.state.hub.leave(&room, self.conn.id).await;
+                    self.conn.reply(&ServerFrame::Left { room }).await;
+                } else {
+                    self.conn
+                        .reply(&ServerFrame::error(
+                            ErrorCode::NotJoined,
+                            format!("not joined to {room}"),
+                        ))
+                        .await;
+                }
+            }
+            ClientFrame::Send {
+                room,
+                text,
+                client_id,
+            } => self.on_send(room, text, client_id).await,
+            ClientFrame::History {
+                room,
+                before,
+                limit,
+            } => self.on_history(room, before, limit),
+            ClientFrame::Refresh { .. } => {
+                let msg = "this gateway does not use tokens; refresh is not needed";
+                self.conn
+                    .reply(&ServerFrame::error(ErrorCode::BadFrame, msg))
+                    .await;
+            }
+        }
+    }
+
+    async fn on_join(&mut self, room: RoomId, since: Option<u64>) {
+        if self.joined.contains(&room) {
+            let msg = format!("already joined to {room}; leave first to join again");
+            self.conn
+                .reply(&ServerFrame::error(ErrorCode::BadFrame, msg))
+                .await;
+            return;
+        }
+        let max = self.state.config.max_rooms_per_conn;
+        if self.joined.len() >= max {
+            let msg = format!("a connection may join at most {max} rooms");
+            self.conn
+                .reply(&ServerFrame::error(ErrorCode::Forbidden, msg))
+                .await;
+            return;
+        }
+        self.joined.insert(room.clone());
+        let hub = self.state.hub.clone();
+        let conn = self.conn.clone();
+        let user = self.user.clone();
+        self.joins.push(Box::pin(async move {
+            let res = hub.join(room.clone(), conn, user, since).await;
+            (room, res)
+        }));
+    }
+
+    async fn on_send(&mut self, room: RoomId, text: String, client_id: String) {
+        let error = |code: ErrorCode, message: String, client_id: String| ServerFrame::Error {
+            code,
+            message,
+            reference: Some(client_id),
+            retry_after_ms: None,
+        };
+        if !self.joined.contains(&room) {
+            let frame = error(
+                ErrorCode::NotJoined,
+                format!("join {room} before sending to it"),
+                client_id,
+            );
+            self.conn.reply(&frame).await;
+            return;
+        }
+        let max = self.state.config.max_message_bytes;
+        if text.len() > max {
+            let frame = error(
+                ErrorCode::TooLarge,
+                format!("text is {} bytes; the limit is {max}", text.len()),
+                client_id,
+            );
+            self.conn.reply(&frame).await;
+            return;
+        }
+        let client = self.state.client.clone();
+        let req = NodeRequest::Send {
+            room: room.clone(),
+            user: self.user.clone(),
+            text,
+            client_id: client_id.clone(),
+        };
+        let started = Instant::now();
+        // Requests are published when first polled, and FuturesOrdered
+        // polls them in push order, so one connection's sends reach the
+        // owner in the order they were sent; acks come back in that order.
+        self.sends.push_back(Box::pin(async move {
+            match client.call(&req).await {
+                Ok((ReplyHead::Ack { seq, .. }, _)) => {
+                    METRICS
+                        .send_ack_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    ServerFrame::Ack {
+                        room,
+                        client_id,
+                        seq,
+                    }
+                }
+                Ok((
+                    ReplyHead::Error {
+                        code,
+                        message,
+                        retry_after_ms,
+                    },
+                    _,
+                )) => ServerFrame::Error {
+                    code,
+                    message,
+                    reference: Some(client_id),
+                    retry_after_ms,
+                },
+                Ok((other, _)) => {
+                    tracing::warn!(reply = ?other, "unexpected reply to send");
+                    error(
+                        ErrorCode::Internal,
+                        "unexpected reply from the room owner".into(),
+                        client_id,
+                    )
+                }
+                Err(e) => ServerFrame::Error {
+                    code: e.code(),
+                    message: e.to_string(),
+                    reference: Some(client_id),
+                    retry_after_ms: Some(1000),
+                },
+            }
+        }));
+    }
+
+    fn on_history(&mut self, room: RoomId, before: Option<u64>, limit: Option<u32>) {
+        let limit = limit.unwrap_or(DEFAULT_BACKLOG).clamp(1, MAX_HISTORY_LIMIT);
+        let client = self.state.client.clone();
+        let conn = self.conn.clone();
+        // History does not need the room joined: it is read-only, and
+        // authorisation (when configured) applies to it like to joins.
+        tokio::spawn(async move {
+            let req = NodeRequest::History {
+                room: room.clone(),
+                before,
+                after: None,
+                limit,
+            };
+            let reply = client.call(&req).await;
+            match reply {
+                Ok((ReplyHead::History { has_more }, frames)) => {
+                    let mut out =
+                        Vec::with_capacity(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 96);
+                    out.extend_from_slice(br#"{"type":"history","room":"#);
+                    out.extend_from_slice(
+                        &serde_json::to_vec(room.as_str()).expect("strings serialise"),
+                    );
+                    out.extend_from_slice(br#","messages":["#);
+                    for (i, f) in frames.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        out.extend_from_slice(f);
+                    }
+                    out.extend_from_slice(br#"],"has_more":"#);
+                    out.extend_from_slice(if has_more { b"true}" } else { b"false}" });
+                    if let Ok(t) = axum::extract::ws::Utf8Bytes::try_from(bytes::Bytes::from(out)) {
+                        conn.deliver(t, "reply").await;
+                    }
+                }
+                Ok((
+                    ReplyHead::Error {
+                        code,
+                        message,
+                        retry_after_ms,
+                    },
+                    _,
+                )) => {
+                    conn.reply(&ServerFrame::Error {
+                        code,
+                        message,
+                        reference: None,
+                        retry_after_ms,
+                    })
+                    .await;
+                }
+                Ok(_) => {
+                    conn.reply(&ServerFrame::error(
+                        ErrorCode::Internal,
+                        "unexpected reply from the room owner",
+                    ))
+                    .await;
+                }
+                Err(e) => {
+                    let frame = ServerFrame::Error {
+                        code: e.code(),
+                        message: e.to_string(),
+                        reference: None,
+                        retry_after_ms: Some(1000),
+                    };
+                    conn.reply(&frame).await;
+                }
+            }
+        });
+    }
+}

@@ -64,10 +64,12 @@ impl NatsBus {
         let info = client.server_info();
         match parse_version(&info.version) {
             Some(v) if v >= MIN_SERVER => {}
-            _ => return Err(BusError::Unsupported(format!(
+            _ => {
+                return Err(BusError::Unsupported(format!(
                 "NATS server {} is too old: this cluster needs NATS {}.{} or newer with JetStream",
                 info.version, MIN_SERVER.0, MIN_SERVER.1
-            ))),
+            )))
+            }
         }
         if !info.jetstream {
             return Err(BusError::Unsupported(format!(

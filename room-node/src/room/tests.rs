@@ -1,1 +1,517 @@
+//! Room actor unit tests on paused time, with an in-memory bus and a
+//! hand-written fake store whose failures the tests script.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chat_protocol::bus::decode_reply;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+use super::*;
+use crate::bus::memory::MemoryBus;
+use crate::store::{Result as StoreResult, RoomRows, Snapshot};
+
+#[derive(Default)]
+struct FakeState {
+    rows: BTreeMap<(String, u64), Message>,
+    fail_next: usize,
+    commits: usize,
+}
+
+#[derive(Default)]
+struct FakeStore {
+    state: Mutex<FakeState>,
+    gate: Option<Arc<Notify>>,
+}
+
+impl FakeStore {
+    fn rows(&self, room: &str) -> Vec<Message> {
+        let s = self.state.lock().unwrap();
+        s.rows
+            .iter()
+            .filter(|((r, _), _)| r == room)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for FakeStore {
+    async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> StoreResult<()> {
+        if let Some(g) = &self.gate {
+            g.notified().await;
+        }
+        let mut s = self.state.lock().unwrap();
+        s.commits += 1;
+        if s.fail_next > 0 {
+            s.fail_next -= 1;
+            return Err(StoreError::Unavailable("scripted outage".into()));
+        }
+        for b in batches {
+            for r in b.rows {
+                let dup_key = s
+                    .rows
+                    .values()
+                    .any(|m| m.room == *b.room && m.user == r.user && m.client_id == r.client_id);
+                if s.rows.contains_key(&(b.room.to_string(), r.seq)) || dup_key {
+                    return Err(StoreError::Rejected("unique violation".into()));
+                }
+            }
+        }
+        for b in batches {
+            for r in b.rows {
+                let m = Message {
+                    room: b.room.clone(),
+                    seq: r.seq,
+                    id: r.id.clone(),
+                    user: r.user.clone(),
+                    text: r.text.clone(),
+                    ts: ts_ms,
+                    client_id: r.client_id.clone(),
+                };
+                s.rows.insert((b.room.to_string(), r.seq), m);
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_room(&self, room: &RoomId, recent: u32, _dedup: u32) -> StoreResult<Snapshot> {
+        let rows = self.rows(room.as_str());
+        let last_seq = rows.last().map_or(0, |m| m.seq);
+        let skip = rows.len().saturating_sub(recent as usize);
+        let dedup = rows
+            .iter()
+            .map(|m| (m.user.clone(), m.client_id.clone(), m.seq, m.id.clone()))
+            .collect();
+        Ok(Snapshot {
+            last_seq,
+            recent: rows[skip..].to_vec(),
+            dedup,
+        })
+    }
+
+    async fn history(&self, room: &RoomId, page: Page) -> StoreResult<(Vec<Message>, bool)> {
+        let rows: Vec<Message> = self
+            .rows(room.as_str())
+            .into_iter()
+            .filter(|m| {
+                page.after.is_none_or(|a| m.seq > a) && page.before.is_none_or(|b| m.seq < b)
+            })
+            .collect();
+        let limit = page.limit as usize;
+        if page.after.is_some() {
+            let more = rows.len() > limit;
+            Ok((rows.into_iter().take(limit).collect(), more))
+        } else {
+            let more = rows.len() > limit;
+            let skip = rows.len().saturating_sub(limit);
+            Ok((rows[skip..].to_vec(), more))
+        }
+    }
+
+    async fn find_client_ids(
+        &self,
+        room: &RoomId,
+        keys: &[(UserId, String)],
+    ) -> StoreResult<Vec<(UserId, String, u64, String)>> {
+        Ok(self
+            .rows(room.as_str())
+            .into_iter()
+            .filter(|m| keys.iter().any(|(u, c)| *u == m.user && *c == m.client_id))
+            .map(|m| (m.user, m.client_id, m.seq, m.id))
+            .collect())
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+struct Harness {
+    bus: MemoryBus,
+    store: Arc<FakeStore>,
+    handle: RoomHandle,
+    task: tokio::task::JoinHandle<RoomStats>,
+    events: BoxStream<'static, crate::bus::BusMessage>,
+    replies: BoxStream<'static, crate::bus::BusMessage>,
+}
+
+fn room() -> RoomId {
+    RoomId::new("r").unwrap()
+}
+
+async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
+    let bus = MemoryBus::new();
+    let store = Arc::new(store);
+    let subjects = chat_protocol::subjects::Subjects::new("t").unwrap();
+    let events = bus.subscribe(subjects.room_events(&room())).await.unwrap();
+    let replies = bus.subscribe("reply".into()).await.unwrap();
+    let (writer, _w) = crate::writer::spawn(store.clone());
+    let (idle, _idle_rx) = mpsc::channel(8);
+    std::mem::forget(_idle_rx);
+    let deps = RoomDeps {
+        bus: Arc::new(bus.clone()),
+        store: store.clone(),
+        writer,
+        config: Arc::new(config),
+        reads: Arc::new(Semaphore::new(4)),
+        idle,
+        subjects,
+    };
+    let (handle, task) = spawn(room(), deps, CancellationToken::new());
+    Harness {
+        bus,
+        store,
+        handle,
+        task,
+        events,
+        replies,
+    }
+}
+
+fn send(h: &Harness, user: &str, cid: &str) {
+    let req = NodeRequest::Send {
+        room: room(),
+        user: UserId::new(user).unwrap(),
+        text: format!("text of {cid}"),
+        client_id: cid.into(),
+    };
+    h.handle
+        .try_send(RoomCommand::Request {
+            req,
+            reply: Some("reply".into()),
+        })
+        .unwrap();
+}
+
+fn config() -> RoomConfig {
+    RoomConfig {
+        rate: RateLimit {
+            per_sec: 0.0,
+            burst: 0.0,
+        },
+        ..RoomConfig::default()
+    }
+}
+
+/// Next event's seq, or None if nothing is published within `wait`.
+async fn next_event(h: &mut Harness, wait: Duration) -> Option<u64> {
+    let m = tokio::time::timeout(wait, h.events.next()).await.ok()??;
+    match Event::decode(&m.payload).unwrap() {
+        Event::Message { seq, .. } => Some(seq),
+        Event::Presence { .. } => None,
+    }
+}
+
+async fn next_reply(h: &mut Harness, wait: Duration) -> Option<ReplyHead> {
+    let m = tokio::time::timeout(wait, h.replies.next()).await.ok()??;
+    Some(decode_reply(&m.payload).unwrap().0)
+}
+
+async fn stop(h: Harness) -> (RoomStats, Arc<FakeStore>) {
+    h.handle.try_send(RoomCommand::Stop).unwrap();
+    let stats = h.task.await.unwrap();
+    drop(h.bus);
+    (stats, h.store)
+}
+
+#[tokio::test(start_paused = true)]
+async fn alarm_is_armed_once_for_many_messages() {
+    let mut h = harness(FakeStore::default(), config()).await;
+    for i in 0..10 {
+        send(&h, "ann", &format!("a{i}"));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    for i in 0..10 {
+        send(&h, "bob", &format!("b{i}"));
+    }
+    for want in 1..=20 {
+        assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(want));
+    }
+    let (stats, store) = stop(h).await;
+    assert_eq!(stats.alarms_armed, 1, "one alarm for one buffer fill");
+    assert_eq!(stats.batches, 1, "all twenty rows in one batch");
+    assert_eq!(store.rows("r").len(), 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_batch_flushes_without_waiting_for_the_alarm() {
+    let cfg = RoomConfig {
+        flush_batch: 5,
+        flush_interval: Duration::from_secs(3600),
+        ..config()
+    };
+    let mut h = harness(FakeStore::default(), cfg).await;
+    for i in 0..5 {
+        send(&h, "ann", &format!("a{i}"));
+    }
+    // The alarm is an hour away; the batch is due by size.
+    assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
+    let (stats, _) = stop(h).await;
+    assert_eq!(stats.batches, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_flush_keeps_order_and_retries_and_nothing_is_broadcast_before_commit() {
+    let store = FakeStore {
+        state: Mutex::new(FakeState {
+            fail_next: 3,
+            ..Default::default()
+        }),
+        gate: None,
+    };
+    let mut h = harness(store, config()).await;
+    for i in 0..5 {
+        send(&h, "ann", &format!("c{i}"));
+    }
+    // The alarm fires at 5 ms; the first commits fail and back off.
+    assert_eq!(next_event(&mut h, Duration::from_millis(40)).await, None);
+    assert!(
+        next_reply(&mut h, Duration::from_millis(1)).await.is_none(),
+        "no ack before commit"
+    );
+    for want in 1..=5 {
+        assert_eq!(
+            next_event(&mut h, Duration::from_secs(10)).await,
+            Some(want)
+        );
+    }
+    for want in 1..=5 {
+        match next_reply(&mut h, Duration::from_secs(1)).await {
+            Some(ReplyHead::Ack {
+                seq,
+                duplicate: false,
+                ..
+            }) => assert_eq!(seq, want),
+            other => panic!("expected ack {want}, got {other:?}"),
+        }
+    }
+    let (_, store) = stop(h).await;
+    assert_eq!(
+        store.state.lock().unwrap().commits,
+        4,
+        "three failures, then success"
+    );
+    let seqs: Vec<u64> = store.rows("r").iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    let cids: Vec<String> = store.rows("r").into_iter().map(|m| m.client_id).collect();
+    assert_eq!(cids, vec!["c0", "c1", "c2", "c3", "c4"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_broadcast_while_the_commit_is_in_flight() {
+    let gate = Arc::new(Notify::new());
+    let store = FakeStore {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let mut h = harness(store, config()).await;
+    send(&h, "ann", "c1");
+    assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, None);
+    assert!(next_reply(&mut h, Duration::from_millis(1)).await.is_none());
+    gate.notify_one();
+    assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
+    assert!(matches!(
+        next_reply(&mut h, Duration::from_secs(1)).await,
+        Some(ReplyHead::Ack { seq: 1, .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn resends_get_the_original_seq_and_burn_none() {
+    let mut h = harness(FakeStore::default(), config()).await;
+    send(&h, "ann", "x");
+    send(&h, "ann", "x"); // resend while pending
+    assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
+    for _ in 0..2 {
+        assert!(matches!(
+            next_reply(&mut h, Duration::from_secs(1)).await,
+            Some(ReplyHead::Ack { seq: 1, .. })
+        ));
+    }
+    send(&h, "ann", "x"); // resend after commit
+    assert!(matches!(
+        next_reply(&mut h, Duration::from_secs(1)).await,
+        Some(ReplyHead::Ack {
+            seq: 1,
+            duplicate: true,
+            ..
+        })
+    ));
+    send(&h, "bob", "x"); // same client id, other user: a new message
+    assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(2));
+    let (_, store) = stop(h).await;
+    assert_eq!(store.rows("r").len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_batch_is_reconciled_and_renumbered_without_gaps() {
+    let mut h = harness(FakeStore::default(), config()).await;
+    // Let the actor load (last_seq 0), then a rival writes seq 1.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    {
+        let mut s = h.store.state.lock().unwrap();
+        let m = Message {
+            room: room(),
+            seq: 1,
+            id: "rival".into(),
+            user: UserId::new("zed").unwrap(),
+            text: "from a rival owner".into(),
+            ts: 1,
+            client_id: "z1".into(),
+        };
+        s.rows.insert(("r".into(), 1), m);
+    }
+    send(&h, "ann", "a1");
+    send(&h, "ann", "a2");
+    // The rival's message is published first, then ours renumbered.
+    assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(1));
+    assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(2));
+    assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(3));
+    let (_, store) = stop(h).await;
+    let rows: Vec<(u64, String)> = store
+        .rows("r")
+        .into_iter()
+        .map(|m| (m.seq, m.client_id))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(1, "z1".into()), (2, "a1".into()), (3, "a2".into())]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_answers_with_a_retry_hint() {
+    let cfg = RoomConfig {
+        rate: RateLimit {
+            per_sec: 1.0,
+            burst: 2.0,
+        },
+        high_water: 1000,
+        ..RoomConfig::default()
+    };
+    let mut h = harness(FakeStore::default(), cfg).await;
+    send(&h, "ann", "1");
+    send(&h, "ann", "2");
+    send(&h, "ann", "3");
+    match next_reply(&mut h, Duration::from_secs(1)).await {
+        Some(ReplyHead::Error {
+            code: ErrorCode::RateLimited,
+            retry_after_ms: Some(ms),
+            ..
+        }) => {
+            assert!(ms > 0 && ms <= 1000)
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn join_backlog_and_history_come_from_the_ring() {
+    let mut h = harness(FakeStore::default(), config()).await;
+    for i in 0..60 {
+        send(&h, "ann", &format!("c{i}"));
+    }
+    for _ in 0..60 {
+        next_event(&mut h, Duration::from_secs(1)).await.unwrap();
+    }
+    for _ in 0..60 {
+        next_reply(&mut h, Duration::from_secs(1)).await.unwrap();
+    }
+    let join = NodeRequest::Join {
+        room: room(),
+        user: UserId::new("bob").unwrap(),
+        gateway: NodeId::new("g").unwrap(),
+        conn: 1,
+        since: Some(55),
+    };
+    h.handle
+        .try_send(RoomCommand::Request {
+            req: join,
+            reply: Some("reply".into()),
+        })
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(1), h.replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, frames) = decode_reply(&m.payload).unwrap();
+    assert_eq!(
+        head,
+        ReplyHead::Joined {
+            last_seq: 60,
+            members: 1,
+            complete: true
+        }
+    );
+    let seqs: Vec<u64> = frames
+        .iter()
+        .map(|f| {
+            serde_json::from_slice::<serde_json::Value>(f).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, vec![56, 57, 58, 59, 60]);
+    let hist = NodeRequest::History {
+        room: room(),
+        before: Some(11),
+        after: None,
+        limit: 5,
+    };
+    h.handle
+        .try_send(RoomCommand::Request {
+            req: hist,
+            reply: Some("reply".into()),
+        })
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(1), h.replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, frames) = decode_reply(&m.payload).unwrap();
+    assert_eq!(head, ReplyHead::History { has_more: true });
+    let seqs: Vec<u64> = frames
+        .iter()
+        .map(|f| {
+            serde_json::from_slice::<serde_json::Value>(f).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, vec![6, 7, 8, 9, 10]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_high_water_mark_sends_get_overloaded_and_nothing_is_dropped() {
+    let gate = Arc::new(Notify::new());
+    let store = FakeStore {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let cfg = RoomConfig {
+        flush_batch: 2,
+        high_water: 3,
+        ..config()
+    };
+    let mut h = harness(store, cfg).await;
+    for i in 0..4 {
+        send(&h, "ann", &format!("c{i}"));
+    }
+    match next_reply(&mut h, Duration::from_secs(1)).await {
+        Some(ReplyHead::Error {
+            code: ErrorCode::Overloaded,
+            retry_after_ms: Some(_),
+            ..
+        }) => {}
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    gate.notify_one();
+    gate.notify_one();
+    for want in 1..=3 {
+        assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(want));
+    }
+}

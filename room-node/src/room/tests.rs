@@ -137,6 +137,7 @@ struct Harness {
     task: tokio::task::JoinHandle<RoomStats>,
     events: BoxStream<'static, crate::bus::BusMessage>,
     replies: BoxStream<'static, crate::bus::BusMessage>,
+    idle: mpsc::Receiver<(RoomId, u64)>,
 }
 
 fn room() -> RoomId {
@@ -150,8 +151,7 @@ async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
     let events = bus.subscribe(subjects.room_events(&room())).await.unwrap();
     let replies = bus.subscribe("reply".into()).await.unwrap();
     let (writer, _w) = crate::writer::spawn(store.clone());
-    let (idle, _idle_rx) = mpsc::channel(8);
-    std::mem::forget(_idle_rx);
+    let (idle, idle_rx) = mpsc::channel(8);
     let deps = RoomDeps {
         bus: Arc::new(bus.clone()),
         store: store.clone(),
@@ -169,6 +169,7 @@ async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
         task,
         events,
         replies,
+        idle: idle_rx,
     }
 }
 
@@ -514,4 +515,32 @@ async fn past_the_high_water_mark_sends_get_overloaded_and_nothing_is_dropped() 
     for want in 1..=3 {
         assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(want));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_room_reports_idle_and_ends_when_its_handle_is_dropped() {
+    let cfg = RoomConfig { idle_timeout: Duration::from_secs(30), ..config() };
+    let mut h = harness(FakeStore::default(), cfg).await;
+    let join = NodeRequest::Join {
+        room: room(),
+        user: UserId::new("ann").unwrap(),
+        gateway: NodeId::new("g").unwrap(),
+        conn: 7,
+        since: None,
+    };
+    h.handle.try_send(RoomCommand::Request { req: join, reply: None }).unwrap();
+    // A member keeps the room alive.
+    assert!(tokio::time::timeout(Duration::from_secs(120), h.idle.recv()).await.is_err());
+    let leave = NodeRequest::Leave {
+        room: room(),
+        user: UserId::new("ann").unwrap(),
+        gateway: NodeId::new("g").unwrap(),
+        conn: 7,
+    };
+    h.handle.try_send(RoomCommand::Request { req: leave, reply: None }).unwrap();
+    let (r, processed) = tokio::time::timeout(Duration::from_secs(31), h.idle.recv()).await.unwrap().unwrap();
+    assert_eq!((r, processed), (room(), 2), "idle after both commands");
+    // The node drops the only handle: the actor ends by itself.
+    drop(h.handle);
+    tokio::time::timeout(Duration::from_secs(1), h.task).await.unwrap().unwrap();
 }

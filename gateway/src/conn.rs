@@ -162,6 +162,10 @@ impl ConnRx {
                 biased;
                 n = self.frames.recv_many(&mut batch, WRITE_BATCH) => {
                     if n == 0 {
+                        // Every sender is gone; a requested close still goes out.
+                        if self.closer.token.is_cancelled() {
+                            return self.send_close(&mut sink, &mut batch).await;
+                        }
                         return WriterEnd::Done;
                     }
                     if write_batch(&mut sink, &mut batch).await.is_err() {
@@ -169,32 +173,44 @@ impl ConnRx {
                     }
                 }
                 _ = self.closer.token.cancelled() => {
-                    let code = match self.closer.code.load(Ordering::Acquire) {
-                        0 => close::INTERNAL,
-                        c => c,
-                    };
-                    if code != close::SLOW_CONSUMER {
-                        while let Ok(f) = self.frames.try_recv() {
-                            batch.push(f);
-                        }
-                        // The peer may be gone; the close is best effort.
-                        let _ = write_batch(&mut sink, &mut batch).await;
-                    }
-                    let reason = match code {
-                        close::SLOW_CONSUMER => "slow consumer",
-                        close::RESTART => "server restarting; reconnect and resume with since",
-                        close::PING_TIMEOUT => "ping timeout",
-                        close::TOO_BIG => "frame too big",
-                        close::INVALID_UTF8 => "invalid UTF-8",
-                        _ => "closing",
-                    };
-                    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-                    // Best effort, as above.
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return WriterEnd::Closed(code);
+                    return self.send_close(&mut sink, &mut batch).await;
                 }
             }
         }
+    }
+
+    /// Writes what is still queued (unless the queue is the problem), then
+    /// the close frame with the requested code.
+    async fn send_close<S>(&mut self, sink: &mut S, batch: &mut Vec<Message>) -> WriterEnd
+    where
+        S: Sink<Message> + Unpin,
+    {
+        let code = match self.closer.code.load(Ordering::Acquire) {
+            0 => close::INTERNAL,
+            c => c,
+        };
+        if code != close::SLOW_CONSUMER {
+            while let Ok(f) = self.frames.try_recv() {
+                batch.push(f);
+            }
+            // The peer may be gone; the close is best effort.
+            let _ = write_batch(sink, batch).await;
+        }
+        let reason = match code {
+            close::SLOW_CONSUMER => "slow consumer",
+            close::RESTART => "server restarting; reconnect and resume with since",
+            close::PING_TIMEOUT => "ping timeout",
+            close::TOO_BIG => "frame too big",
+            close::INVALID_UTF8 => "invalid UTF-8",
+            _ => "closing",
+        };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        // Best effort, as above.
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        WriterEnd::Closed(code)
     }
 }
 

@@ -89,7 +89,8 @@ impl Session {
         drop(session);
         drop(tx);
         // The writer ends once the close frame is out or the socket failed.
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        let end = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        tracing::debug!(conn.id = id, reason, writer = ?end, "connection closed");
         METRICS.connections.dec();
     }
 

@@ -519,7 +519,10 @@ async fn past_the_high_water_mark_sends_get_overloaded_and_nothing_is_dropped() 
 
 #[tokio::test(start_paused = true)]
 async fn an_empty_room_reports_idle_and_ends_when_its_handle_is_dropped() {
-    let cfg = RoomConfig { idle_timeout: Duration::from_secs(30), ..config() };
+    let cfg = RoomConfig {
+        idle_timeout: Duration::from_secs(30),
+        ..config()
+    };
     let mut h = harness(FakeStore::default(), cfg).await;
     let join = NodeRequest::Join {
         room: room(),
@@ -528,19 +531,39 @@ async fn an_empty_room_reports_idle_and_ends_when_its_handle_is_dropped() {
         conn: 7,
         since: None,
     };
-    h.handle.try_send(RoomCommand::Request { req: join, reply: None }).unwrap();
+    h.handle
+        .try_send(RoomCommand::Request {
+            req: join,
+            reply: None,
+        })
+        .unwrap();
     // A member keeps the room alive.
-    assert!(tokio::time::timeout(Duration::from_secs(120), h.idle.recv()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(120), h.idle.recv())
+            .await
+            .is_err()
+    );
     let leave = NodeRequest::Leave {
         room: room(),
         user: UserId::new("ann").unwrap(),
         gateway: NodeId::new("g").unwrap(),
         conn: 7,
     };
-    h.handle.try_send(RoomCommand::Request { req: leave, reply: None }).unwrap();
-    let (r, processed) = tokio::time::timeout(Duration::from_secs(31), h.idle.recv()).await.unwrap().unwrap();
+    h.handle
+        .try_send(RoomCommand::Request {
+            req: leave,
+            reply: None,
+        })
+        .unwrap();
+    let (r, processed) = tokio::time::timeout(Duration::from_secs(31), h.idle.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((r, processed), (room(), 2), "idle after both commands");
     // The node drops the only handle: the actor ends by itself.
     drop(h.handle);
-    tokio::time::timeout(Duration::from_secs(1), h.task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(1), h.task)
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -9,12 +9,14 @@
 //! - [`node`]: the inbox dispatcher that owns the room actors.
 //! - [`room`]: the room actor.
 //! - [`writer`]: the node-level group commit.
+//! - [`lease`]: bulk renewal of the room leases that fence ownership.
 //! - [`ratelimit`]: per-user token buckets.
 //! - [`metrics`], [`admin`], [`telemetry`]: operations.
 
 pub mod admin;
 pub mod bus;
 pub mod config;
+pub mod lease;
 pub mod membership;
 pub mod metrics;
 pub mod node;

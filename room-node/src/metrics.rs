@@ -30,6 +30,12 @@ pub struct NodeMetrics {
     pub flush_rejected: IntCounter,
     /// Rows committed.
     pub rows_persisted: IntCounter,
+    /// Room batches not written because another node holds the lease.
+    pub flush_fenced: IntCounter,
+    /// Room leases held by this node.
+    pub leases_held: IntGauge,
+    /// Rooms handed to another node (ring change) or lost to a fence.
+    pub handoffs: IntCounterVec,
     /// Sends refused by the per-user rate limit.
     pub rate_limited: IntCounter,
     /// Sends refused because the room's buffer passed its high-water mark.
@@ -92,6 +98,19 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
         rows_persisted: register_int_counter!(
             "chat_room_rows_persisted_total",
             "Messages committed"
+        )
+        .unwrap(),
+        flush_fenced: register_int_counter!(
+            "chat_room_flush_fenced_total",
+            "Room batches not written because another node holds the lease"
+        )
+        .unwrap(),
+        leases_held: register_int_gauge!("chat_room_leases_held", "Room leases held by this node")
+            .unwrap(),
+        handoffs: register_int_counter_vec!(
+            "chat_room_handoffs_total",
+            "Rooms given up by reason",
+            &["reason"]
         )
         .unwrap(),
         rate_limited: register_int_counter!(

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::{Bus, BusMessage};
+use crate::lease::LeaseTable;
 use crate::membership;
 use crate::metrics::METRICS;
 use crate::room::{self, RoomCommand, RoomConfig, RoomDeps, RoomHandle};
@@ -92,7 +93,16 @@ pub async fn serve(
         bg.clone(),
     ));
 
-    let (writer, writer_task) = writer::spawn(store.clone());
+    let lease_ttl = settings.node_ttl;
+    let (writer, writer_task) = writer::spawn(store.clone(), me.clone(), lease_ttl);
+    let leases = Arc::new(LeaseTable::default());
+    let renewals = tokio::spawn(crate::lease::renew_loop(
+        store.clone(),
+        me.clone(),
+        leases.clone(),
+        lease_ttl,
+        bg.clone(),
+    ));
     let (idle_tx, mut idle_rx) = mpsc::channel(1024);
     let deps = RoomDeps {
         bus: bus.clone(),
@@ -102,6 +112,9 @@ pub async fn serve(
         reads: Arc::new(Semaphore::new(READ_PERMITS)),
         idle: idle_tx,
         subjects: settings.subjects.clone(),
+        node_id: me.clone(),
+        leases,
+        lease_ttl,
     };
     let rooms_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -179,8 +192,9 @@ pub async fn serve(
         );
     }
     bg.cancel();
-    // The heartbeat task deletes our entry on its way out.
+    // The heartbeat task deletes our entry on its way out; renewals just stop.
     let _ = hb.await;
+    let _ = renewals.await;
     bus.drain().await;
     tracing::info!("room node stopped");
     Ok(())

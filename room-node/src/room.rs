@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
+use crate::lease::LeaseTable;
 use crate::metrics::METRICS;
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::store::{Page, Row, Store, StoreError};
@@ -92,6 +93,12 @@ pub struct RoomDeps {
     pub idle: mpsc::Sender<(RoomId, u64)>,
     /// The room's event subject is built from this.
     pub subjects: chat_protocol::subjects::Subjects,
+    /// This node, the owner named in leases.
+    pub node_id: NodeId,
+    /// Leases held, for bulk renewal.
+    pub leases: Arc<LeaseTable>,
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
 }
 
 /// A command for a room actor.
@@ -174,6 +181,12 @@ struct RoomActor {
     recent: VecDeque<(u64, Bytes)>,
     buckets: HashMap<UserId, TokenBucket>,
     stopping: bool,
+    /// Lease epoch this actor serves under (0 before it holds one).
+    epoch: u64,
+    /// Fires when the lease renewal finds another node took the room.
+    lease_lost: CancellationToken,
+    /// Another node owns the room now: nothing more is written.
+    fenced: bool,
     processed: u64,
     idle_since: Option<Instant>,
     stats: RoomStats,
@@ -205,6 +218,9 @@ impl RoomActor {
             recent: VecDeque::new(),
             buckets: HashMap::new(),
             stopping: false,
+            epoch: 0,
+            lease_lost: CancellationToken::new(),
+            fenced: false,
             processed: 0,
             idle_since: None,
             stats: RoomStats::default(),
@@ -213,6 +229,11 @@ impl RoomActor {
 
     async fn run(mut self, cancel: CancellationToken) -> RoomStats {
         METRICS.active_rooms.inc();
+        if !self.acquire(&cancel).await {
+            self.refuse_queued().await;
+            METRICS.active_rooms.dec();
+            return self.stats;
+        }
         self.load().await;
         let mut cmds = Vec::with_capacity(TAKE);
         loop {
@@ -244,6 +265,7 @@ impl RoomActor {
                     match res {
                         Ok((rows, Outcome::Committed { ts_ms })) => self.committed(rows, inflight.replies, ts_ms).await,
                         Ok((rows, Outcome::Rejected { reason })) => self.reconcile(rows, inflight.replies, &reason).await,
+                        Ok((_, Outcome::Fenced)) => self.on_fenced(inflight.replies).await,
                         Err(_) => {
                             // The writer is gone: only happens at process exit.
                             tracing::error!(room = %self.room, "writer stopped with a batch in flight");
@@ -259,11 +281,102 @@ impl RoomActor {
                 _ = cancel.cancelled(), if !self.stopping => {
                     self.stopping = true;
                 }
+                _ = self.lease_lost.cancelled(), if !self.fenced => {
+                    self.on_fenced(Vec::new()).await;
+                }
             }
         }
+        if self.fenced {
+            METRICS.handoffs.with_label_values(&["fenced"]).inc();
+        } else {
+            METRICS.handoffs.with_label_values(&["released"]).inc();
+            // Best effort: an unreleased lease expires after its TTL.
+            if let Err(e) = self
+                .deps
+                .store
+                .release_lease(&self.room, &self.deps.node_id, self.epoch)
+                .await
+            {
+                tracing::warn!(room = %self.room, error = %e, "lease release failed; it expires by itself");
+            }
+        }
+        self.deps.leases.remove(&self.room, self.epoch);
+        self.refuse_queued().await;
         METRICS.active_rooms.dec();
         METRICS.members.sub(self.members.len() as i64);
         self.stats
+    }
+
+    /// Takes the room's lease before anything is read or written, waiting
+    /// out another owner's (a crashed node's lease expires after its TTL; a
+    /// draining one releases it after its flush). Gives up when the node
+    /// drops the room or shuts down.
+    async fn acquire(&mut self, cancel: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(25);
+        loop {
+            if self.rx.is_closed() || cancel.is_cancelled() {
+                return false;
+            }
+            match self
+                .deps
+                .store
+                .acquire_lease(&self.room, &self.deps.node_id, self.deps.lease_ttl)
+                .await
+            {
+                Ok(Some(epoch)) => {
+                    self.epoch = epoch;
+                    self.lease_lost = self.deps.leases.insert(self.room.clone(), epoch);
+                    tracing::debug!(room = %self.room, epoch, "lease taken");
+                    return true;
+                }
+                Ok(None) => {
+                    tracing::debug!(room = %self.room, "lease held by another node; waiting")
+                }
+                Err(e) => {
+                    tracing::warn!(room = %self.room, error = %e, "cannot take the lease; retrying")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return false,
+            }
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Another node owns the room now: every waiting sender is told
+    /// `not_owner` (its gateway retries at the new owner, where the dedup
+    /// window makes the retry safe), and the actor ends.
+    async fn on_fenced(&mut self, inflight: Vec<Vec<String>>) {
+        if !self.fenced {
+            tracing::warn!(room = %self.room, epoch = self.epoch, "room fenced: handing it to its new owner");
+        }
+        self.fenced = true;
+        self.stopping = true;
+        let buffered: Vec<Pending> = self.buffer.drain(..).collect();
+        METRICS
+            .buffered_messages
+            .sub((buffered.len() + inflight.len()) as i64);
+        let replies = inflight
+            .into_iter()
+            .flatten()
+            .chain(buffered.into_iter().flat_map(|p| p.replies));
+        for to in replies {
+            self.reply(Some(to), &ReplyHead::NotOwner, &[]).await;
+        }
+        self.pending_keys.clear();
+        self.alarm = None;
+        self.alarm_fired = false;
+    }
+
+    /// Answers commands still in the mailbox `not_owner` as the actor ends.
+    async fn refuse_queued(&mut self) {
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let RoomCommand::Request { reply, .. } = cmd {
+                self.reply(reply, &ReplyHead::NotOwner, &[]).await;
+            }
+        }
     }
 
     /// Loads `last_seq`, the recent ring and the dedup window, retrying
@@ -508,11 +621,13 @@ impl RoomActor {
             rows.push(p.row);
             replies.push(p.replies);
         }
-        match self.deps.writer.submit(FlushJob {
+        let job = FlushJob {
             room: self.room.clone(),
+            epoch: self.epoch,
             rows,
             done: tx,
-        }) {
+        };
+        match self.deps.writer.submit(job) {
             Ok(()) => {
                 self.stats.batches += 1;
                 self.inflight = Some(InFlight { replies, done: rx });
@@ -802,7 +917,7 @@ impl RoomActor {
     async fn presence(&self, user: UserId, state: PresenceState) {
         let frame = ServerFrame::Presence {
             room: self.room.clone(),
-            user,
+            user: user.clone(),
             state,
         }
         .to_bytes();
@@ -813,7 +928,7 @@ impl RoomActor {
             .bus
             .publish(
                 self.events_subject.clone(),
-                Event::Presence { frame }.encode(),
+                Event::Presence { user, frame }.encode(),
             )
             .await;
     }

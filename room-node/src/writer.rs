@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chat_protocol::RoomId;
+use chat_protocol::{NodeId, RoomId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::membership::now_ms;
@@ -42,6 +42,8 @@ pub enum Outcome {
         /// The database's reason.
         reason: String,
     },
+    /// Nothing was written: another node holds the room's lease now.
+    Fenced,
 }
 
 /// One room's batch, handed to the writer.
@@ -49,6 +51,8 @@ pub enum Outcome {
 pub struct FlushJob {
     /// The room.
     pub room: RoomId,
+    /// The lease epoch the room holds.
+    pub epoch: u64,
     /// Its rows, in seq order.
     pub rows: Vec<Row>,
     /// Gets the rows back with the outcome.
@@ -73,28 +77,49 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer; it ends when every handle is dropped and the queue
-/// is empty.
-pub fn spawn(store: Arc<dyn Store>) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+/// Who commits, and for how long a commit extends the leases it is fenced by.
+#[derive(Debug, Clone)]
+struct Fence {
+    owner: NodeId,
+    ttl: Duration,
+}
+
+/// Starts the writer for node `owner`; commits extend leases by
+/// `lease_ttl`. It ends when every handle is dropped and the queue is empty.
+pub fn spawn(
+    store: Arc<dyn Store>,
+    owner: NodeId,
+    lease_ttl: Duration,
+) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(run(store, rx));
+    let fence = Fence {
+        owner,
+        ttl: lease_ttl,
+    };
+    let task = tokio::spawn(run(store, fence, rx));
     (WriterHandle { tx }, task)
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<FlushJob>) {
+async fn run(store: Arc<dyn Store>, fence: Fence, mut rx: mpsc::Receiver<FlushJob>) {
     let mut jobs = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
     while rx.recv_many(&mut jobs, MAX_JOBS_PER_COMMIT).await > 0 {
-        commit_group(&*store, &mut jobs).await;
+        commit_group(&*store, &fence, &mut jobs).await;
     }
 }
 
 /// Commits `jobs` together, retrying while the database is unavailable;
 /// isolates rooms when it rejects the group. Answers every job.
-async fn commit_group(store: &dyn Store, jobs: &mut Vec<FlushJob>) {
-    match commit_retrying(store, jobs).await {
-        Ok(ts_ms) => {
-            for job in jobs.drain(..) {
-                answer(job, Outcome::Committed { ts_ms });
+async fn commit_group(store: &dyn Store, fence: &Fence, jobs: &mut Vec<FlushJob>) {
+    match commit_retrying(store, fence, jobs).await {
+        Ok((ts_ms, fenced)) => {
+            for (i, job) in jobs.drain(..).enumerate() {
+                if fenced.contains(&i) {
+                    METRICS.flush_fenced.inc();
+                    tracing::warn!(room = %job.room, epoch = job.epoch, "batch fenced: another node owns the room now");
+                    answer(job, Outcome::Fenced);
+                } else {
+                    answer(job, Outcome::Committed { ts_ms });
+                }
             }
         }
         Err(reason) if jobs.len() == 1 => {
@@ -113,7 +138,7 @@ async fn commit_group(store: &dyn Store, jobs: &mut Vec<FlushJob>) {
             // Find the bad room(s): commit each room on its own.
             for job in std::mem::take(jobs) {
                 let mut one = vec![job];
-                Box::pin(commit_group(store, &mut one)).await;
+                Box::pin(commit_group(store, fence, &mut one)).await;
             }
         }
     }
@@ -121,27 +146,33 @@ async fn commit_group(store: &dyn Store, jobs: &mut Vec<FlushJob>) {
 
 /// One group commit, retried with capped exponential backoff until the
 /// database takes or rejects it.
-async fn commit_retrying(store: &dyn Store, jobs: &[FlushJob]) -> Result<i64, String> {
+async fn commit_retrying(
+    store: &dyn Store,
+    fence: &Fence,
+    jobs: &[FlushJob],
+) -> Result<(i64, Vec<usize>), String> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let batches: Vec<RoomRows<'_>> = jobs
             .iter()
             .map(|j| RoomRows {
                 room: &j.room,
+                epoch: j.epoch,
                 rows: &j.rows,
             })
             .collect();
         let rows: usize = jobs.iter().map(|j| j.rows.len()).sum();
         let ts_ms = now_ms();
         let started = Instant::now();
-        match store.commit(&batches, ts_ms).await {
-            Ok(()) => {
+        match store.commit(&fence.owner, &batches, fence.ttl, ts_ms).await {
+            Ok(fenced) => {
                 METRICS
                     .flush_seconds
                     .observe(started.elapsed().as_secs_f64());
                 METRICS.flush_batch_rows.observe(rows as f64);
-                METRICS.rows_persisted.inc_by(rows as u64);
-                return Ok(ts_ms);
+                let fenced_rows: usize = fenced.iter().map(|&i| jobs[i].rows.len()).sum();
+                METRICS.rows_persisted.inc_by((rows - fenced_rows) as u64);
+                return Ok((ts_ms, fenced));
             }
             Err(StoreError::Rejected(reason)) => return Err(reason),
             Err(StoreError::Unavailable(reason)) => {

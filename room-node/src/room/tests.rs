@@ -19,6 +19,8 @@ struct FakeState {
     rows: BTreeMap<(String, u64), Message>,
     fail_next: usize,
     commits: usize,
+    /// room → (owner, epoch, released)
+    leases: std::collections::HashMap<String, (String, u64, bool)>,
 }
 
 #[derive(Default)]
@@ -40,7 +42,13 @@ impl FakeStore {
 
 #[async_trait]
 impl Store for FakeStore {
-    async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> StoreResult<()> {
+    async fn commit(
+        &self,
+        owner: &NodeId,
+        batches: &[RoomRows<'_>],
+        _ttl: Duration,
+        ts_ms: i64,
+    ) -> StoreResult<Vec<usize>> {
         if let Some(g) = &self.gate {
             g.notified().await;
         }
@@ -50,7 +58,23 @@ impl Store for FakeStore {
             s.fail_next -= 1;
             return Err(StoreError::Unavailable("scripted outage".into()));
         }
-        for b in batches {
+        let fenced: Vec<usize> = batches
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                s.leases
+                    .get(b.room.as_str())
+                    .is_none_or(|(o, e, _)| o != owner.as_str() || *e != b.epoch)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let batches: Vec<&RoomRows<'_>> = batches
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !fenced.contains(i))
+            .map(|(_, b)| b)
+            .collect();
+        for b in &batches {
             for r in b.rows {
                 let dup_key = s
                     .rows
@@ -73,6 +97,53 @@ impl Store for FakeStore {
                     client_id: r.client_id.clone(),
                 };
                 s.rows.insert((b.room.to_string(), r.seq), m);
+            }
+        }
+        Ok(fenced)
+    }
+
+    async fn acquire_lease(
+        &self,
+        room: &RoomId,
+        owner: &NodeId,
+        _ttl: Duration,
+    ) -> StoreResult<Option<u64>> {
+        let mut s = self.state.lock().unwrap();
+        let entry = s
+            .leases
+            .entry(room.to_string())
+            .or_insert((owner.to_string(), 0, true));
+        if entry.0 == owner.as_str() || entry.2 {
+            *entry = (owner.to_string(), entry.1 + 1, false);
+            Ok(Some(entry.1))
+        } else {
+            Ok(None)
+        }
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &NodeId,
+        leases: &[(RoomId, u64)],
+        _ttl: Duration,
+    ) -> StoreResult<Vec<RoomId>> {
+        let s = self.state.lock().unwrap();
+        Ok(leases
+            .iter()
+            .filter(|(r, e)| {
+                s.leases
+                    .get(r.as_str())
+                    .is_some_and(|(o, le, _)| o == owner.as_str() && le == e)
+            })
+            .map(|(r, _)| r.clone())
+            .collect())
+    }
+
+    async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> StoreResult<()> {
+        let mut s = self.state.lock().unwrap();
+        if let Some(l) = s.leases.get_mut(room.as_str()) {
+            if l.0 == owner.as_str() && l.1 == epoch {
+                l.2 = true;
             }
         }
         Ok(())
@@ -150,7 +221,8 @@ async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
     let subjects = chat_protocol::subjects::Subjects::new("t").unwrap();
     let events = bus.subscribe(subjects.room_events(&room())).await.unwrap();
     let replies = bus.subscribe("reply".into()).await.unwrap();
-    let (writer, _w) = crate::writer::spawn(store.clone());
+    let node = NodeId::new("n1").unwrap();
+    let (writer, _w) = crate::writer::spawn(store.clone(), node.clone(), Duration::from_secs(5));
     let (idle, idle_rx) = mpsc::channel(8);
     let deps = RoomDeps {
         bus: Arc::new(bus.clone()),
@@ -160,6 +232,9 @@ async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
         reads: Arc::new(Semaphore::new(4)),
         idle,
         subjects,
+        node_id: node,
+        leases: Arc::new(LeaseTable::default()),
+        lease_ttl: Duration::from_secs(5),
     };
     let (handle, task) = spawn(room(), deps, CancellationToken::new());
     Harness {
@@ -566,4 +641,65 @@ async fn an_empty_room_reports_idle_and_ends_when_its_handle_is_dropped() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_batch_writes_nothing_and_senders_are_sent_to_the_new_owner() {
+    let gate = Arc::new(Notify::new());
+    let store = FakeStore {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let mut h = harness(store, config()).await;
+    send(&h, "ann", "a1");
+    // The batch is in flight (the commit waits at the gate) when another
+    // node takes the lease.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    {
+        let mut s = h.store.state.lock().unwrap();
+        let l = s.leases.get_mut("r").unwrap();
+        *l = ("n2".into(), l.1 + 1, false);
+    }
+    send(&h, "ann", "a2");
+    gate.notify_one();
+    for _ in 0..2 {
+        assert_eq!(
+            next_reply(&mut h, Duration::from_secs(1)).await,
+            Some(ReplyHead::NotOwner)
+        );
+    }
+    assert_eq!(
+        next_event(&mut h, Duration::from_secs(1)).await,
+        None,
+        "nothing broadcast"
+    );
+    h.task.await.unwrap();
+    assert!(h.store.rows("r").is_empty(), "nothing written");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_room_waits_for_a_lease_held_elsewhere_then_serves() {
+    let store = FakeStore::default();
+    store
+        .state
+        .lock()
+        .unwrap()
+        .leases
+        .insert("r".into(), ("n2".into(), 7, false));
+    let mut h = harness(store, config()).await;
+    send(&h, "ann", "a1");
+    assert_eq!(
+        next_event(&mut h, Duration::from_secs(3)).await,
+        None,
+        "not served while n2 holds it"
+    );
+    h.store.state.lock().unwrap().leases.get_mut("r").unwrap().2 = true; // n2 releases
+    assert_eq!(next_event(&mut h, Duration::from_secs(3)).await, Some(1));
+    let (_, store) = stop(h).await;
+    let s = store.state.lock().unwrap();
+    assert_eq!(
+        s.leases["r"],
+        ("n1".to_string(), 8, true),
+        "taken at the next epoch, released at the end"
+    );
 }

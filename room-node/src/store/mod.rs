@@ -5,8 +5,10 @@
 pub mod postgres;
 pub mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
-use chat_protocol::{Message, RoomId, UserId};
+use chat_protocol::{Message, NodeId, RoomId, UserId};
 
 /// Why a storage call failed. The split decides what the writer does.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,8 @@ pub struct Row {
 pub struct RoomRows<'a> {
     /// The room.
     pub room: &'a RoomId,
+    /// The lease epoch the writing node holds for the room.
+    pub epoch: u64,
     /// Its rows, in seq order.
     pub rows: &'a [Row],
 }
@@ -75,12 +79,52 @@ pub struct Page {
 /// The storage the room node needs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Commits every room's rows in one transaction, `created_at = ts_ms`.
+    /// Commits every room's rows in one transaction, `created_at = ts_ms`,
+    /// fenced by the rooms' leases: rows of a room whose lease `owner` no
+    /// longer holds at the batch's epoch are not written. Extends the
+    /// leases it matched by `ttl`. Returns the indexes of fenced batches.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] (retry later) or
     /// [`StoreError::Rejected`] (some row cannot be stored as it is).
-    async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> Result<()>;
+    async fn commit(
+        &self,
+        owner: &NodeId,
+        batches: &[RoomRows<'_>],
+        ttl: Duration,
+        ts_ms: i64,
+    ) -> Result<Vec<usize>>;
+
+    /// Takes `room`'s lease for `owner` when it is free, expired, or already
+    /// `owner`'s, bumping the epoch. `None` while another owner holds it.
+    ///
+    /// # Errors
+    /// When the database cannot answer.
+    async fn acquire_lease(
+        &self,
+        room: &RoomId,
+        owner: &NodeId,
+        ttl: Duration,
+    ) -> Result<Option<u64>>;
+
+    /// Extends the leases `owner` still holds at the given epochs; returns
+    /// the rooms it still holds (the others were taken over).
+    ///
+    /// # Errors
+    /// When the database cannot answer.
+    async fn renew_leases(
+        &self,
+        owner: &NodeId,
+        leases: &[(RoomId, u64)],
+        ttl: Duration,
+    ) -> Result<Vec<RoomId>>;
+
+    /// Gives a lease up (after the room flushed), so the next owner need
+    /// not wait for it to expire.
+    ///
+    /// # Errors
+    /// When the database cannot answer.
+    async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> Result<()>;
 
     /// Loads what a room actor needs to take a room over.
     ///

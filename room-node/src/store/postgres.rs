@@ -2,10 +2,11 @@
 //! one statement with array parameters (`UNNEST`), so a commit is one round
 //! trip whatever its size and never nears the 65535-parameter limit.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_protocol::{Message, RoomId, UserId};
+use chat_protocol::{Message, NodeId, RoomId, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row as _};
 
@@ -77,7 +78,13 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
-    async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> Result<()> {
+    async fn commit(
+        &self,
+        owner: &NodeId,
+        batches: &[RoomRows<'_>],
+        ttl: Duration,
+        ts_ms: i64,
+    ) -> Result<Vec<usize>> {
         let n: usize = batches.iter().map(|b| b.rows.len()).sum();
         let mut rooms = Vec::with_capacity(n);
         let mut seqs = Vec::with_capacity(n);
@@ -95,11 +102,22 @@ impl Store for PgStore {
                 cids.push(r.client_id.as_str());
             }
         }
-        sqlx::query(
-            "INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) \
+        let lease_rooms: Vec<&str> = batches.iter().map(|b| b.room.as_str()).collect();
+        let lease_epochs: Vec<i64> = batches.iter().map(|b| b.epoch as i64).collect();
+        // The UPDATE locks each matched lease row until commit, so a new
+        // owner's acquire waits for this commit and then reads its rows.
+        let written: Vec<String> = sqlx::query_scalar(
+            "WITH fence AS ( \
+                 UPDATE room_leases l SET expires_at = now() + make_interval(secs => $10::float8 / 1000) \
+                 FROM UNNEST($8::text[], $9::int8[]) AS f(room, epoch) \
+                 WHERE l.room = f.room AND l.epoch = f.epoch AND l.owner = $11 \
+                 RETURNING l.room) \
+             INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) \
              SELECT r, s, i, u, b, c, to_timestamp($7::float8 / 1000) \
              FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-             AS t(r, s, i, u, b, c)",
+             AS t(r, s, i, u, b, c) \
+             WHERE t.r IN (SELECT room FROM fence) \
+             RETURNING room",
         )
         .bind(&rooms)
         .bind(&seqs)
@@ -108,6 +126,77 @@ impl Store for PgStore {
         .bind(&bodies)
         .bind(&cids)
         .bind(ts_ms)
+        .bind(&lease_rooms)
+        .bind(&lease_epochs)
+        .bind(ttl.as_millis() as i64)
+        .bind(owner.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let written: HashSet<String> = written.into_iter().collect();
+        Ok(batches
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !written.contains(b.room.as_str()))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    async fn acquire_lease(
+        &self,
+        room: &RoomId,
+        owner: &NodeId,
+        ttl: Duration,
+    ) -> Result<Option<u64>> {
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO room_leases (room, owner, epoch, expires_at) \
+             VALUES ($1, $2, 1, now() + make_interval(secs => $3::float8 / 1000)) \
+             ON CONFLICT (room) DO UPDATE SET owner = EXCLUDED.owner, \
+                 epoch = room_leases.epoch + 1, expires_at = EXCLUDED.expires_at \
+             WHERE room_leases.owner = EXCLUDED.owner OR room_leases.expires_at < now() \
+             RETURNING epoch",
+        )
+        .bind(room.as_str())
+        .bind(owner.as_str())
+        .bind(ttl.as_millis() as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(epoch.map(to_seq))
+    }
+
+    async fn renew_leases(
+        &self,
+        owner: &NodeId,
+        leases: &[(RoomId, u64)],
+        ttl: Duration,
+    ) -> Result<Vec<RoomId>> {
+        let rooms: Vec<&str> = leases.iter().map(|l| l.0.as_str()).collect();
+        let epochs: Vec<i64> = leases.iter().map(|l| l.1 as i64).collect();
+        let held: Vec<String> = sqlx::query_scalar(
+            "UPDATE room_leases l SET expires_at = now() + make_interval(secs => $4::float8 / 1000) \
+             FROM UNNEST($2::text[], $3::int8[]) AS f(room, epoch) \
+             WHERE l.room = f.room AND l.epoch = f.epoch AND l.owner = $1 \
+             RETURNING l.room",
+        )
+        .bind(owner.as_str())
+        .bind(&rooms)
+        .bind(&epochs)
+        .bind(ttl.as_millis() as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(held.iter().filter_map(|r| RoomId::new(r).ok()).collect())
+    }
+
+    async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE room_leases SET expires_at = 'epoch' \
+             WHERE room = $1 AND owner = $2 AND epoch = $3",
+        )
+        .bind(room.as_str())
+        .bind(owner.as_str())
+        .bind(epoch as i64)
         .execute(&self.pool)
         .await
         .map_err(classify)?;

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_protocol::{Message, RoomId, UserId};
+use chat_protocol::{Message, NodeId, RoomId, UserId};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
 
@@ -73,7 +74,37 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn commit(&self, batches: &[RoomRows<'_>], ts_ms: i64) -> Result<()> {
+    // The embedded mode has exactly one room node, so leases are always
+    // granted and never fence anything.
+    async fn acquire_lease(
+        &self,
+        _room: &RoomId,
+        _owner: &NodeId,
+        _ttl: Duration,
+    ) -> Result<Option<u64>> {
+        Ok(Some(1))
+    }
+
+    async fn renew_leases(
+        &self,
+        _owner: &NodeId,
+        leases: &[(RoomId, u64)],
+        _ttl: Duration,
+    ) -> Result<Vec<RoomId>> {
+        Ok(leases.iter().map(|l| l.0.clone()).collect())
+    }
+
+    async fn release_lease(&self, _room: &RoomId, _owner: &NodeId, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        _owner: &NodeId,
+        batches: &[RoomRows<'_>],
+        _ttl: Duration,
+        ts_ms: i64,
+    ) -> Result<Vec<usize>> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let all: Vec<(&RoomId, &super::Row)> = batches
             .iter()
@@ -94,7 +125,8 @@ impl Store for SqliteStore {
             });
             qb.build().execute(&mut *tx).await.map_err(classify)?;
         }
-        tx.commit().await.map_err(classify)
+        tx.commit().await.map_err(classify)?;
+        Ok(Vec::new())
     }
 
     async fn load_room(&self, room: &RoomId, recent: u32, dedup: u32) -> Result<Snapshot> {

@@ -167,6 +167,24 @@ else
   export CHAT_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$PGPORT/postgres
 fi
 
+# ---------------------------------------------------------------- browser
+# The demo-page test drives headless Chromium through playwright-core.
+if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+  say "no Chromium: installing it (Debian package chromium)"
+  apt_install chromium
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  say "no Node.js: installing it (Debian packages nodejs npm)"
+  apt_install nodejs npm
+fi
+BROWSER_DIR=$ROOT/tests/browser
+if [ ! -f "$BROWSER_DIR/node_modules/.package-lock.json" ] \
+  || ! cmp -s <(grep -v '"name"' "$BROWSER_DIR/package-lock.json") \
+    <(grep -v '"name"' "$BROWSER_DIR/node_modules/.package-lock.json" 2>/dev/null); then
+  say "npm ci in tests/browser (playwright-core; it uses the system Chromium)"
+  (cd "$BROWSER_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
 # ---------------------------------------------------------------- cargo
 has_pkg=0
 release=()

@@ -311,9 +311,11 @@ impl RoomTask {
                     self.on_message(seq, frame);
                 }
             }
-            Ok(Event::Presence { frame }) => {
+            Ok(Event::Presence { user, frame }) => {
                 if let Some(frame) = text(frame) {
-                    for m in self.members.values().filter(|m| m.live) {
+                    // A user's own connections never hear of their own
+                    // arrival (a quick reconnect would otherwise see it).
+                    for m in self.members.values().filter(|m| m.live && m.user != user) {
                         m.conn.try_deliver(frame.clone(), "presence");
                     }
                 }

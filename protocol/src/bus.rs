@@ -192,13 +192,16 @@ pub enum Event {
     },
     /// A presence change (not sequenced); `frame` is the client frame.
     Presence {
+        /// Whose presence changed, so gateways need not parse the frame to
+        /// keep it from that user's own connections.
+        user: UserId,
         /// The `presence` frame.
         frame: Bytes,
     },
 }
 
 impl Event {
-    /// Encodes the event: `m <seq>\n<frame>` or `p\n<frame>`.
+    /// Encodes the event: `m <seq>\n<frame>` or `p <user>\n<frame>`.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::new();
         match self {
@@ -209,9 +212,11 @@ impl Event {
                 out.put_u8(b'\n');
                 out.put_slice(frame);
             }
-            Self::Presence { frame } => {
-                out.reserve(frame.len() + 2);
-                out.put_slice(b"p\n");
+            Self::Presence { user, frame } => {
+                out.reserve(frame.len() + user.as_str().len() + 3);
+                out.put_slice(b"p ");
+                out.put_slice(user.as_str().as_bytes());
+                out.put_u8(b'\n');
                 out.put_slice(frame);
             }
         }
@@ -230,7 +235,13 @@ impl Event {
         let head = &payload[..nl];
         let frame = payload.slice(nl + 1..);
         match head {
-            b"p" => Ok(Self::Presence { frame }),
+            [b'p', b' ', user @ ..] => {
+                let user = std::str::from_utf8(user)
+                    .ok()
+                    .and_then(|u| UserId::new(u).ok())
+                    .ok_or(DecodeError::Framing)?;
+                Ok(Self::Presence { user, frame })
+            }
             [b'm', b' ', digits @ ..] => {
                 let seq = std::str::from_utf8(digits)
                     .ok()
@@ -283,6 +294,7 @@ mod tests {
         };
         assert_eq!(Event::decode(&e.encode()).unwrap(), e);
         let p = Event::Presence {
+            user: UserId::new("zoë k").unwrap(),
             frame: Bytes::from_static(b"{\"x\":1}"),
         };
         assert_eq!(Event::decode(&p.encode()).unwrap(), p);

@@ -79,6 +79,11 @@ enum Cmd {
         frames: Vec<(u64, Utf8Bytes)>,
         ok: bool,
     },
+    /// Re-register every member with the owner (after a reconnect).
+    Resync,
+    /// Fetch whatever the owner committed after what we delivered (after a
+    /// reconnect, when events may have been missed).
+    Probe,
 }
 
 impl RoomHub {
@@ -153,6 +158,33 @@ impl RoomHub {
             // A room task that already ended has no member to remove.
             let _ = tx.send(Cmd::Remove { conn }).await;
         }
+    }
+
+    /// After every reconnect of the bus, tells each room to re-register its
+    /// members and fetch what it may have missed. Runs until the bus closes.
+    pub fn follow_reconnects(&self) {
+        let hub = self.clone();
+        let mut reconnects = self.inner.bus.reconnects();
+        tokio::spawn(async move {
+            while reconnects.changed().await.is_ok() {
+                let rooms: Vec<mpsc::Sender<Cmd>> = hub
+                    .inner
+                    .rooms
+                    .lock()
+                    .expect("hub lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                tracing::info!(rooms = rooms.len(), "bus reconnected: resyncing rooms");
+                for tx in rooms {
+                    for cmd in [Cmd::Resync, Cmd::Probe] {
+                        if tx.try_send(cmd).is_err() {
+                            tracing::warn!("room busy; it resyncs at its next gap");
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Rooms with a subscription on this gateway.
@@ -320,6 +352,7 @@ impl RoomTask {
                     }
                 }
             }
+            Ok(Event::Resync) => self.resync(),
             Err(e) => tracing::warn!(room = %self.room, error = %e, "undecodable room event"),
         }
     }
@@ -403,6 +436,52 @@ impl RoomTask {
         });
     }
 
+    /// Re-registers every joined member with the room's (new) owner,
+    /// quietly: they were present before, so nobody hears of them again.
+    fn resync(&self) {
+        let members: Vec<(u64, UserId)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.live && !m.leaving)
+            .map(|(id, m)| (*id, m.user.clone()))
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        let client = self.hub.inner.client.clone();
+        let room = self.room.clone();
+        let gateway = self.hub.inner.gateway.clone();
+        tokio::spawn(async move {
+            use futures::stream::{self, StreamExt as _};
+            let n = members.len();
+            let failed = stream::iter(members)
+                .map(|(conn, user)| {
+                    let req = NodeRequest::Join {
+                        room: room.clone(),
+                        user,
+                        gateway: gateway.clone(),
+                        conn,
+                        since: None,
+                        quiet: true,
+                    };
+                    let client = client.clone();
+                    async move { client.call(&req).await.is_err() }
+                })
+                .buffer_unordered(16)
+                .filter(|failed| std::future::ready(*failed))
+                .count()
+                .await;
+            tracing::debug!(%room, members = n, failed, "members re-registered with the owner");
+        });
+    }
+
+    /// Asks the owner for everything after what was delivered.
+    fn probe(&mut self) {
+        if let Some(d) = self.delivered {
+            self.repair(d, u64::MAX);
+        }
+    }
+
     fn check_tail(&mut self) {
         let Some((tail, _)) = self.tail else { return };
         match self.delivered {
@@ -465,8 +544,11 @@ impl RoomTask {
                 self.members.remove(&conn);
             }
             Cmd::Caught { conn, upto } => self.on_caught(conn, upto),
+            Cmd::Resync => self.resync(),
+            Cmd::Probe => self.probe(),
             Cmd::Repaired { frames, ok } => {
                 self.repairing = false;
+                let full_page = frames.len() >= PAGE as usize;
                 for (seq, frame) in frames {
                     if self.delivered.is_none_or(|d| seq > d) {
                         self.ahead.insert(seq, frame);
@@ -474,6 +556,10 @@ impl RoomTask {
                 }
                 if ok {
                     self.advance();
+                    if full_page && !self.repairing {
+                        // There may be more after this page.
+                        self.probe();
+                    }
                 } else if let (Some(d), Some((&next, _))) =
                     (self.delivered, self.ahead.first_key_value())
                 {
@@ -568,6 +654,7 @@ async fn join_task(
         gateway: hub.inner.gateway.clone(),
         conn: id,
         since,
+        quiet: false,
     };
     let failure = match hub.inner.client.call(&req).await {
         Ok((

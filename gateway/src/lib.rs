@@ -148,7 +148,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         placement,
         Duration::from_millis(config.request_timeout_ms),
     );
-    let hub = RoomHub::new(bus.clone(), subjects, client.clone(), gateway_id.clone());
+    let hub = RoomHub::new(
+        bus.clone(),
+        subjects.clone(),
+        client.clone(),
+        gateway_id.clone(),
+    );
+    hub.follow_reconnects();
+    // Room nodes watch gateway heartbeats and drop the members of a
+    // gateway that died, so nobody stays online forever.
+    bus.kv_ensure(&subjects.gateways_bucket(), ttl * 4).await?;
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
+    let heartbeat = tokio::spawn(membership::heartbeat(
+        bus.clone(),
+        subjects.gateways_bucket(),
+        gateway_id.clone(),
+        uuid::Uuid::new_v4().to_string(),
+        ttl,
+        draining_rx,
+        bg.clone(),
+    ));
     let auth: Arc<dyn Authenticator> = if config.dev_auth() {
         if config.listen().ip().is_loopback() {
             tracing::info!(
@@ -187,6 +206,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Drain.
     tracing::info!("draining: closing connections with 1012");
     state.set_draining();
+    draining_tx.send_replace(true);
     session_shutdown.cancel();
     state.sessions.close();
     if tokio::time::timeout(grace, state.sessions.wait())
@@ -198,6 +218,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     if let Err(e) = tokio::time::timeout(Duration::from_secs(1), server).await {
         tracing::debug!(error = %e, "http server still finishing");
     }
+    // Our members have left their rooms one by one; now leave for good.
+    bg.cancel();
+    // The heartbeat task deletes our entry on its way out.
+    let _ = heartbeat.await;
     node_shutdown.cancel();
     let mut result = Ok(());
     if let Some(task) = embedded {
@@ -207,7 +231,6 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             Err(e) => result = Err(Error::Node(e.to_string())),
         }
     }
-    bg.cancel();
     bus.drain().await;
     tracing::info!("gateway stopped");
     result

@@ -32,6 +32,10 @@ pub enum NodeRequest {
         conn: u64,
         /// Deliver the backlog after this seq (else the last 50).
         since: Option<u64>,
+        /// A re-registration of a member the room already had (after an
+        /// owner change or a reconnect): no presence event, no backlog.
+        #[serde(default)]
+        quiet: bool,
     },
     /// A connection leaves a room.
     Leave {
@@ -190,6 +194,9 @@ pub enum Event {
         /// The `message` frame.
         frame: Bytes,
     },
+    /// The room has a new owner (or the same one restarted): gateways
+    /// re-register their members with it.
+    Resync,
     /// A presence change (not sequenced); `frame` is the client frame.
     Presence {
         /// Whose presence changed, so gateways need not parse the frame to
@@ -212,6 +219,7 @@ impl Event {
                 out.put_u8(b'\n');
                 out.put_slice(frame);
             }
+            Self::Resync => out.put_slice(b"r\n"),
             Self::Presence { user, frame } => {
                 out.reserve(frame.len() + user.as_str().len() + 3);
                 out.put_slice(b"p ");
@@ -235,6 +243,7 @@ impl Event {
         let head = &payload[..nl];
         let frame = payload.slice(nl + 1..);
         match head {
+            b"r" => Ok(Self::Resync),
             [b'p', b' ', user @ ..] => {
                 let user = std::str::from_utf8(user)
                     .ok()
@@ -298,6 +307,10 @@ mod tests {
             frame: Bytes::from_static(b"{\"x\":1}"),
         };
         assert_eq!(Event::decode(&p.encode()).unwrap(), p);
+        assert_eq!(
+            Event::decode(&Event::Resync.encode()).unwrap(),
+            Event::Resync
+        );
         assert!(Event::decode(&Bytes::from_static(b"m x\n{}")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"garbage")).is_err());
     }

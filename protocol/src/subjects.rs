@@ -53,6 +53,12 @@ impl Subjects {
     pub fn nodes_bucket(&self) -> String {
         format!("{}_nodes", self.prefix)
     }
+
+    /// KV bucket where gateways heartbeat, so room nodes can drop the
+    /// members of a gateway that died.
+    pub fn gateways_bucket(&self) -> String {
+        format!("{}_gateways", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -67,6 +73,7 @@ mod tests {
         assert_eq!(s.node_inbox(&n), "chat.node.n1.in");
         assert_eq!(s.room_events(&r), "chat.room.lobby.ev");
         assert_eq!(s.nodes_bucket(), "chat_nodes");
+        assert_eq!(s.gateways_bucket(), "chat_gateways");
         assert!(Subjects::new("a.b").is_err());
         assert!(Subjects::new("").is_err());
     }

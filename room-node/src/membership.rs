@@ -87,9 +87,38 @@ pub async fn watch_placement(
     ttl: Duration,
     cancel: CancellationToken,
 ) -> Result<watch::Receiver<Placement>, BusError> {
-    let bucket = subjects.nodes_bucket();
+    let mut live = watch_live(bus, subjects.nodes_bucket(), ttl, cancel.clone()).await?;
+    let (tx, rx) = watch::channel(Placement::new(live.borrow_and_update().clone()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = live.changed() => if r.is_err() { return },
+                _ = cancel.cancelled() => return,
+            }
+            let p = Placement::new(live.borrow_and_update().clone());
+            tracing::info!(nodes = ?p.nodes(), "placement ring changed");
+            crate::metrics::METRICS.ring_size.set(p.len() as i64);
+            tx.send_replace(p);
+        }
+    });
+    Ok(rx)
+}
+
+/// Watches heartbeats in `bucket` and keeps the sorted set of live,
+/// non-draining ids up to date until `cancel` fires. Used for room nodes
+/// (placement) and for gateways (room nodes drop the members of a gateway
+/// that died).
+///
+/// # Errors
+/// When the bucket cannot be created at all.
+pub async fn watch_live(
+    bus: Arc<dyn Bus>,
+    bucket: String,
+    ttl: Duration,
+    cancel: CancellationToken,
+) -> Result<watch::Receiver<Vec<NodeId>>, BusError> {
     bus.kv_ensure(&bucket, ttl * 4).await?;
-    let (tx, rx) = watch::channel(Placement::new([]));
+    let (tx, rx) = watch::channel(Vec::new());
     tokio::spawn(async move {
         let mut live = Liveness {
             ttl,
@@ -100,8 +129,9 @@ pub async fn watch_placement(
             let mut stream = match bus.kv_watch(&bucket).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch node heartbeats; retrying");
-                    // The bucket may have been lost with a NATS restart.
+                    tracing::warn!(error = %e, bucket, "cannot watch heartbeats; retrying");
+                    // The bucket may have been lost with a NATS restart; the
+                    // next try recreates it or fails the same way.
                     let _ = bus.kv_ensure(&bucket, ttl * 4).await;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -118,18 +148,10 @@ pub async fn watch_placement(
                     _ = tick.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let nodes = live.live(Instant::now());
-                let changed = {
-                    let cur = tx.borrow();
-                    let mut sorted = nodes.clone();
-                    sorted.sort();
-                    cur.nodes() != sorted.as_slice()
-                };
-                if changed {
-                    let p = Placement::new(nodes);
-                    tracing::info!(nodes = ?p.nodes(), "placement ring changed");
-                    crate::metrics::METRICS.ring_size.set(p.len() as i64);
-                    tx.send_replace(p);
+                let mut ids = live.live(Instant::now());
+                ids.sort();
+                if *tx.borrow() != ids {
+                    tx.send_replace(ids);
                 }
             }
         }
@@ -181,19 +203,18 @@ pub async fn ensure_unique(
     Ok(())
 }
 
-/// Writes this node's heartbeat every [`HEARTBEAT_INTERVAL`] until
-/// `cancel`, then marks it draining and deletes it. `draining` flips the
-/// flag earlier, so peers stop routing here while buffers flush.
+/// Writes a heartbeat for `node` into `bucket` every
+/// [`HEARTBEAT_INTERVAL`] until `cancel`, then deletes it. `draining`
+/// flips the flag earlier, so peers stop routing here while buffers flush.
 pub async fn heartbeat(
     bus: Arc<dyn Bus>,
-    subjects: Subjects,
+    bucket: String,
     node: NodeId,
     instance: String,
     ttl: Duration,
     mut draining: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
-    let bucket = subjects.nodes_bucket();
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut flag_open = true;
     loop {

@@ -78,6 +78,15 @@ pub async fn serve(
     )
     .await
     .map_err(Error::Bus)?;
+    let mut gateways = membership::watch_live(
+        bus.clone(),
+        settings.subjects.gateways_bucket(),
+        settings.node_ttl,
+        bg.clone(),
+    )
+    .await
+    .map_err(Error::Bus)?;
+    let mut live_gateways: Vec<NodeId> = gateways.borrow_and_update().clone();
     let mut inbox = bus
         .subscribe(settings.subjects.node_inbox(&me))
         .await
@@ -85,7 +94,7 @@ pub async fn serve(
     let (draining_tx, draining_rx) = watch::channel(false);
     let hb = tokio::spawn(membership::heartbeat(
         bus.clone(),
-        settings.subjects.clone(),
+        settings.subjects.nodes_bucket(),
         me.clone(),
         instance,
         settings.node_ttl,
@@ -151,6 +160,20 @@ pub async fn serve(
                     }
                     keep
                 });
+            }
+            changed = gateways.changed() => {
+                if changed.is_err() { break; }
+                let now: Vec<NodeId> = gateways.borrow_and_update().clone();
+                for gone in live_gateways.iter().filter(|g| !now.contains(g)) {
+                    tracing::info!(gateway = %gone, "gateway gone: dropping its members from every room");
+                    for e in rooms.values_mut() {
+                        match e.handle.try_send(RoomCommand::GatewayGone(gone.clone())) {
+                            Ok(()) => e.sent += 1,
+                            Err(err) => tracing::warn!(error = %err, "room too busy to drop a dead gateway's members"),
+                        }
+                    }
+                }
+                live_gateways = now;
             }
             _ = shutdown.cancelled() => break,
         }
@@ -259,7 +282,8 @@ async fn dispatch(
                 answer(bus, reply, &head).await;
                 return;
             }
-            Err(mpsc::error::TrySendError::Full(RoomCommand::Stop)) => return,
+            // Only requests are ever sent through here.
+            Err(mpsc::error::TrySendError::Full(_)) => return,
             Err(mpsc::error::TrySendError::Closed(c)) => {
                 rooms.remove(&room);
                 cmd = c;

@@ -113,6 +113,8 @@ pub enum RoomCommand {
     },
     /// Stop serving: answer new requests `not_owner`, flush, then exit.
     Stop,
+    /// A gateway died: its connections leave the room.
+    GatewayGone(NodeId),
 }
 
 /// The room's mailbox. Cheap to clone.
@@ -235,6 +237,16 @@ impl RoomActor {
             return self.stats;
         }
         self.load().await;
+        // Gateways holding members of this room re-register them with us:
+        // rosters and presence survive a change of owner.
+        if let Err(e) = self
+            .deps
+            .bus
+            .publish(self.events_subject.clone(), Event::Resync.encode())
+            .await
+        {
+            tracing::warn!(room = %self.room, error = %e, "resync announcement lost");
+        }
         let mut cmds = Vec::with_capacity(TAKE);
         loop {
             self.maybe_submit();
@@ -425,6 +437,21 @@ impl RoomActor {
                 self.stopping = true;
                 return;
             }
+            RoomCommand::GatewayGone(gw) => {
+                let gone: Vec<(u64, UserId)> = self
+                    .members
+                    .iter()
+                    .filter(|((g, _), _)| *g == gw)
+                    .map(|((_, conn), user)| (*conn, user.clone()))
+                    .collect();
+                if !gone.is_empty() {
+                    tracing::info!(room = %self.room, gateway = %gw, members = gone.len(), "gateway gone: dropping its members");
+                }
+                for (conn, user) in gone {
+                    self.on_leave(&gw, conn, &user).await;
+                }
+                return;
+            }
             RoomCommand::Request { req, reply } => (req, reply),
         };
         if self.stopping {
@@ -445,9 +472,10 @@ impl RoomActor {
                 gateway,
                 conn,
                 since,
+                quiet,
                 ..
             } => {
-                self.on_join(user, gateway, conn, since, reply).await;
+                self.on_join(user, gateway, conn, since, quiet, reply).await;
             }
             NodeRequest::Leave {
                 user,
@@ -853,18 +881,28 @@ impl RoomActor {
         gateway: NodeId,
         conn: u64,
         since: Option<u64>,
+        quiet: bool,
         reply: Option<String>,
     ) {
         if self.members.insert((gateway, conn), user.clone()).is_none() {
             METRICS.members.inc();
             let n = self.user_conns.entry(user.clone()).or_insert(0);
             *n += 1;
-            if *n == 1 {
+            if *n == 1 && !quiet {
                 self.presence(user, PresenceState::Join).await;
             }
         }
         let last = self.last_seq;
         let members = self.user_conns.len() as u64;
+        if quiet {
+            let head = ReplyHead::Joined {
+                last_seq: last,
+                members,
+                complete: true,
+            };
+            self.reply(reply, &head, &[]).await;
+            return;
+        }
         let (after, limit) = match since {
             Some(s) => (s.min(last), BACKLOG_PAGE),
             None => (

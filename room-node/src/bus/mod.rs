@@ -106,4 +106,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Flushes what was published and closes, bounded by the caller.
     async fn drain(&self);
+
+    /// Counts reconnections to the server: it changes after each reconnect,
+    /// when messages may have been missed and soft state may need
+    /// re-registering. An in-process bus never reconnects.
+    fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::channel(0).1
+    }
 }

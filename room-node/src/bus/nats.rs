@@ -20,6 +20,7 @@ pub const MIN_SERVER: (u64, u64) = (2, 10);
 pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
+    reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Parses `major.minor` out of a server version like `2.10.7-RC1`.
@@ -39,17 +40,27 @@ impl NatsBus {
     /// JetStream; [`BusError::Other`] for a URL that cannot work.
     pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
         let mut delay = Duration::from_millis(200);
+        let (reconnect_tx, reconnects) = tokio::sync::watch::channel(0u64);
+        let reconnect_tx = std::sync::Arc::new(reconnect_tx);
         let client = loop {
+            let counter = reconnect_tx.clone();
             let opts = async_nats::ConnectOptions::new()
                 .name(name)
                 .connection_timeout(Duration::from_secs(5))
                 .request_timeout(Some(Duration::from_secs(10)))
                 .subscription_capacity(65_536)
-                .event_callback(|ev| async move {
-                    match ev {
-                        async_nats::Event::Connected => tracing::info!("nats connected"),
-                        async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
-                        other => tracing::debug!(event = %other, "nats event"),
+                .max_reconnects(None)
+                .event_callback(move |ev| {
+                    let counter = counter.clone();
+                    async move {
+                        match ev {
+                            async_nats::Event::Connected => {
+                                tracing::info!("nats connected");
+                                counter.send_modify(|n| *n += 1);
+                            }
+                            async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                            other => tracing::debug!(event = %other, "nats event"),
+                        }
                     }
                 });
             match opts.connect(url).await {
@@ -78,7 +89,11 @@ impl NatsBus {
             )));
         }
         let js = jetstream::new(client.clone());
-        Ok(Self { client, js })
+        Ok(Self {
+            client,
+            js,
+            reconnects,
+        })
     }
 
     /// The underlying client, for health checks.
@@ -212,6 +227,10 @@ impl Bus for NatsBus {
         if let Err(e) = self.client.drain().await {
             tracing::warn!(error = %e, "nats drain failed");
         }
+    }
+
+    fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reconnects.clone()
     }
 }
 

@@ -51,6 +51,30 @@ pub struct Config {
     /// Allow dev auth on a non-loopback address (logs a warning).
     #[arg(long, env = "CHAT_DEV_AUTH_PUBLIC", default_value_t = false)]
     pub dev_auth_public: bool,
+    /// HS256 secret for client tokens (at least 16 bytes).
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA → RS256, EC P-256 → ES256) for client tokens.
+    #[arg(long, env = "CHAT_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Bearer key of the server API (`/api/...`); the API is off without it.
+    #[arg(long, env = "CHAT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Browser origins allowed to open WebSockets, comma-separated [default: any].
+    #[arg(long, env = "CHAT_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Most WebSocket connections from one client address; more close with 4029.
+    #[arg(long, env = "CHAT_MAX_CONNS_PER_IP", default_value_t = 1000)]
+    pub max_conns_per_ip: usize,
+    /// Proxies (CIDRs, comma-separated) whose X-Forwarded-For names the client.
+    #[arg(long, env = "CHAT_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+    /// Joins per second per connection (burst twice that); 0 disables.
+    #[arg(long, env = "CHAT_JOIN_RATE_PER_SEC", default_value_t = 10.0)]
+    pub join_rate_per_sec: f64,
+    /// History requests per second per connection (burst twice that); 0 disables.
+    #[arg(long, env = "CHAT_HISTORY_RATE_PER_SEC", default_value_t = 5.0)]
+    pub history_rate_per_sec: f64,
     /// Largest WebSocket frame; larger closes with 1009.
     #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
@@ -135,12 +159,71 @@ impl Config {
         }
     }
 
+    /// The token verifier, when keys are configured.
+    ///
+    /// # Errors
+    /// When the secret is too short or the key file is not a public key.
+    pub fn jwt(&self) -> Result<Option<crate::auth::JwtVerifier>, ConfigError> {
+        crate::auth::JwtVerifier::from_config(
+            self.jwt_secret.as_deref(),
+            self.jwt_public_key_file.as_deref(),
+        )
+        .map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// The trusted proxy networks.
+    ///
+    /// # Errors
+    /// When an entry is not a CIDR or an address.
+    pub fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        let Some(list) = &self.trusted_proxies else {
+            return Ok(Vec::new());
+        };
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| ConfigError(format!("CHAT_TRUSTED_PROXIES: {s:?} is not a CIDR")))
+            })
+            .collect()
+    }
+
+    /// The allowed browser origins; `None` allows any.
+    pub fn allowed_origins(&self) -> Option<Vec<String>> {
+        self.allowed_origins.as_ref().map(|l| {
+            l.split(',')
+                .map(|s| s.trim().trim_end_matches('/').to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+    }
+
     /// Checks every setting before anything binds or connects.
     ///
     /// # Errors
     /// The first setting that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.gateway_id()?;
+        self.jwt()?;
+        self.trusted_proxies()?;
+        if self.api_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err(ConfigError(
+                "CHAT_API_KEY must be at least 16 characters".into(),
+            ));
+        }
+        if self.max_conns_per_ip == 0 {
+            return Err(ConfigError("CHAT_MAX_CONNS_PER_IP must be positive".into()));
+        }
+        for (name, v) in [
+            ("CHAT_JOIN_RATE_PER_SEC", self.join_rate_per_sec),
+            ("CHAT_HISTORY_RATE_PER_SEC", self.history_rate_per_sec),
+        ] {
+            if v < 0.0 || !v.is_finite() {
+                return Err(ConfigError(format!("{name} must be 0 or positive")));
+            }
+        }
         Subjects::new(&self.subject_prefix)
             .map_err(|e| ConfigError(format!("CHAT_SUBJECT_PREFIX: {e}")))?;
         if self.dev_auth() && !self.listen().ip().is_loopback() && !self.dev_auth_public {
@@ -224,6 +307,12 @@ impl Config {
     pub fn redacted(&self) -> String {
         let mut c = self.clone();
         c.nats_url = redact_url(&c.nats_url);
+        if c.jwt_secret.is_some() {
+            c.jwt_secret = Some("***".into());
+        }
+        if c.api_key.is_some() {
+            c.api_key = Some("***".into());
+        }
         format!("{c:?}")
     }
 }
@@ -251,6 +340,10 @@ pub struct SessionLimits {
     pub ping_interval: Duration,
     /// Silence before closing.
     pub ping_timeout: Duration,
+    /// Joins per second per connection (0: off).
+    pub join_rate: f64,
+    /// History requests per second per connection (0: off).
+    pub history_rate: f64,
 }
 
 impl From<&Config> for SessionLimits {
@@ -262,6 +355,8 @@ impl From<&Config> for SessionLimits {
             outbound_queue: c.outbound_queue,
             ping_interval: c.ping_interval(),
             ping_timeout: Duration::from_secs(c.ping_timeout_secs),
+            join_rate: c.join_rate_per_sec,
+            history_rate: c.history_rate_per_sec,
         }
     }
 }
@@ -296,6 +391,34 @@ mod tests {
         ])
         .unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_lists_parsed() {
+        let c = Config::try_parse_from([
+            "x",
+            "--jwt-secret",
+            "0123456789abcdef-secret",
+            "--api-key",
+            "0123456789abcdef-key",
+            "--trusted-proxies",
+            "10.0.0.0/8, 127.0.0.1",
+            "--allowed-origins",
+            "https://a.example/, https://b.example",
+        ])
+        .unwrap();
+        c.validate().unwrap();
+        let r = c.redacted();
+        assert!(!r.contains("0123456789abcdef"), "{r}");
+        assert_eq!(c.trusted_proxies().unwrap().len(), 2);
+        assert_eq!(
+            c.allowed_origins().unwrap(),
+            vec!["https://a.example", "https://b.example"]
+        );
+        let bad = Config::try_parse_from(["x", "--trusted-proxies", "nope"]).unwrap();
+        assert!(bad.validate().is_err());
+        let bad = Config::try_parse_from(["x", "--jwt-secret", "short"]).unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State, WebSocketUpgrade};
+use std::net::SocketAddr;
+
+use axum::extract::ws::{CloseFrame, Message};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -28,6 +31,10 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .route("/ws", get(ws))
+        .route(
+            "/api/rooms/{room}/messages",
+            get(crate::api::history).post(crate::api::publish),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route(
@@ -42,7 +49,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+/// A JSON error body of the contract: `{"error":{"code","message"}}`.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         Json(serde_json::json!({"error": {"code": code, "message": message}})),
@@ -62,6 +70,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn ws(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -73,6 +82,13 @@ async fn ws(
             "gateway is draining; connect to another",
         );
     }
+    if !state.edge.origin_allowed(&headers) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "origin not allowed (CHAT_ALLOWED_ORIGINS)",
+        );
+    }
     let identity = match state.auth.authenticate(&headers, &query) {
         Ok(i) => i,
         Err(e) => {
@@ -80,6 +96,8 @@ async fn ws(
             return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
         }
     };
+    let ip = state.edge.client_ip(peer, &headers);
+    let slot = state.edge.admit(ip);
     let max = state.config.max_frame_bytes;
     let tracker = state.sessions.clone();
     upgrade
@@ -88,5 +106,21 @@ async fn ws(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| tracker.track_future(Session::run(state, identity.user, socket)))
+        .on_upgrade(move |mut socket| async move {
+            let Some(slot) = slot else {
+                // Over the per-address limit: say so in a close frame the
+                // client can act on, and never start a session.
+                let frame = CloseFrame {
+                    code: chat_protocol::frames::close::TOO_MANY_CONNECTIONS,
+                    reason: "too many connections from this address".into(),
+                };
+                // The peer may already be gone; nothing else to do.
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                return;
+            };
+            tracker
+                .track_future(Session::run(state, identity, socket))
+                .await;
+            drop(slot);
+        })
 }

@@ -7,17 +7,21 @@
 //! - [`config`]: flags and environment.
 //! - [`auth`]: identity of new connections, behind a trait.
 //! - [`http`]: routes (`/ws`, `/`, probes, metrics).
+//! - [`api`]: the server HTTP API (`/api/rooms/...`).
+//! - [`limits`]: per-address connection limits, origins, proxies.
 //! - [`session`]: one connection's frames.
 //! - [`conn`]: a connection's bounded outbound queue and batching writer.
 //! - [`fanout`]: per-room subscriptions, gap repair, backlog merge.
 //! - [`route`]: requests to room owners with bounded retries.
 //! - [`metrics`], [`state`].
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod fanout;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod route;
 pub mod session;
@@ -39,7 +43,7 @@ use chat_room_node::store::StoreError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Authenticator, DevAuth, NoAuth};
+use crate::auth::{Auth, Authenticator};
 use crate::config::{Config, ConfigError, SessionLimits};
 use crate::fanout::RoomHub;
 use crate::metrics::METRICS;
@@ -168,7 +172,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         draining_rx,
         bg.clone(),
     ));
-    let auth: Arc<dyn Authenticator> = if config.dev_auth() {
+    let jwt = config.jwt()?;
+    if let Some(j) = &jwt {
+        tracing::info!(verifier = ?j, "token auth on");
+    }
+    if config.dev_auth() {
         if config.listen().ip().is_loopback() {
             tracing::info!(
                 "dev auth is on: clients name themselves with ?user=NAME (loopback only)"
@@ -176,17 +184,28 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         } else {
             tracing::warn!("dev auth is on beyond loopback: anyone can claim any name");
         }
-        Arc::new(DevAuth)
-    } else {
-        tracing::warn!("no authentication configured: every connection will be refused");
-        Arc::new(NoAuth)
-    };
+    }
+    let auth = Auth::new(jwt, config.dev_auth());
+    if !auth.accepts_anyone() {
+        tracing::warn!("no authentication configured (CHAT_JWT_SECRET, CHAT_JWT_PUBLIC_KEY_FILE or CHAT_DEV_AUTH): every connection will be refused");
+    }
+    let auth: Arc<dyn Authenticator> = Arc::new(auth);
+    if config.api_key.is_none() {
+        tracing::info!("server API off (set CHAT_API_KEY to enable /api)");
+    }
     let session_shutdown = CancellationToken::new();
+    let edge = limits::Edge::new(
+        config.max_conns_per_ip,
+        config.trusted_proxies()?,
+        config.allowed_origins(),
+        config.api_key.clone(),
+    );
     let state = Arc::new(AppState::new(
         SessionLimits::from(&config),
         hub,
         client,
         auth,
+        edge,
         session_shutdown.clone(),
     ));
     let addr = listener.local_addr()?;
@@ -196,9 +215,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let server = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
         })
     };
     shutdown.cancelled().await;

@@ -37,6 +37,10 @@ pub struct GatewayMetrics {
     pub ring_nodes: IntGauge,
     /// Missing seq ranges fetched from a room's owner.
     pub gap_repairs: IntCounter,
+    /// Requests refused by a limit, by limit.
+    pub limited: IntCounterVec,
+    /// Server API requests by route and status.
+    pub api_requests: IntCounterVec,
 }
 
 /// The process-wide instance.
@@ -102,6 +106,18 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
         ring_nodes: register_int_gauge!(
             "chat_gateway_ring_nodes",
             "Live room nodes in the placement ring"
+        )
+        .unwrap(),
+        limited: register_int_counter_vec!(
+            "chat_gateway_limited_total",
+            "Requests refused by a limit",
+            &["limit"]
+        )
+        .unwrap(),
+        api_requests: register_int_counter_vec!(
+            "chat_gateway_api_requests_total",
+            "Server API requests by route and status",
+            &["route", "status"]
         )
         .unwrap(),
         gap_repairs: register_int_counter!(

@@ -16,6 +16,9 @@ use chat_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, UserId};
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{Future, Sink, Stream, StreamExt};
 
+use chat_room_node::ratelimit::{RateLimit, TokenBucket};
+
+use crate::auth::{now_secs, Identity};
 use crate::conn::{self, ConnTx};
 use crate::metrics::METRICS;
 use crate::state::AppState;
@@ -31,7 +34,10 @@ type JoinFuture = Pin<Box<dyn Future<Output = (RoomId, crate::fanout::JoinResult
 pub struct Session {
     state: Arc<AppState>,
     user: UserId,
+    identity: Identity,
     conn: ConnTx,
+    joins_limit: Option<(RateLimit, TokenBucket)>,
+    history_limit: Option<(RateLimit, TokenBucket)>,
     joined: HashSet<RoomId>,
     sends: FuturesOrdered<SendFuture>,
     joins: FuturesUnordered<JoinFuture>,
@@ -57,22 +63,35 @@ impl Session {
     /// Runs the connection until the client leaves, the server drains, or
     /// the connection is closed for cause. `socket` is any sink/stream of
     /// WebSocket messages, so tests can drive it with channels.
-    pub async fn run<S>(state: Arc<AppState>, user: UserId, socket: S)
+    pub async fn run<S>(state: Arc<AppState>, identity: Identity, socket: S)
     where
         S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Send + 'static,
         <S as Sink<Message>>::Error: Send,
     {
         let id = state.next_conn_id();
+        let user = identity.user.clone();
         let (tx, rx) = conn::channel(id, state.config.outbound_queue);
         let (sink, stream) = socket.split();
         let writer = tokio::spawn(rx.run(sink));
         METRICS.connections.inc();
         METRICS.connects.inc();
         let span = tracing::info_span!("conn", conn.id = id, user.id = %user);
+        let bucket = |per_sec: f64| {
+            (per_sec > 0.0).then(|| {
+                let limit = RateLimit {
+                    per_sec,
+                    burst: (per_sec * 2.0).max(1.0),
+                };
+                (limit, TokenBucket::new(limit, tokio::time::Instant::now()))
+            })
+        };
         let mut session = Session {
             state: state.clone(),
             user,
+            identity,
             conn: tx.clone(),
+            joins_limit: bucket(state.config.join_rate),
+            history_limit: bucket(state.config.history_rate),
             joined: HashSet::new(),
             sends: FuturesOrdered::new(),
             joins: FuturesUnordered::new(),
@@ -118,11 +137,20 @@ impl Session {
         ping.reset();
         let shutdown = self.state.shutdown.clone();
         loop {
+            let expires = self.expiry();
             tokio::select! {
+                _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
+                    self.conn.close(close::TOKEN_EXPIRED);
+                    return "token_expired";
+                }
                 msg = stream.next(), if self.sends.len() < MAX_PENDING_SENDS => {
                     last_seen = Instant::now();
                     match msg {
-                        Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await,
+                        Some(Ok(Message::Text(t))) => {
+                            if let Some(reason) = self.on_text(t.as_str()).await {
+                                return reason;
+                            }
+                        }
                         Some(Ok(Message::Binary(_))) => {
                             METRICS.frames_in.with_label_values(&["binary"]).inc();
                             self.conn.reply(&ServerFrame::error(ErrorCode::BadFrame, "frames are JSON text, not binary")).await;
@@ -133,6 +161,8 @@ impl Session {
                             return match read_error_code(&e) {
                                 Some(code) => {
                                     self.conn.close(code);
+                                    let limit = if code == close::TOO_BIG { "frame_size" } else { "invalid_utf8" };
+                                    METRICS.limited.with_label_values(&[limit]).inc();
                                     if code == close::TOO_BIG { "too_big" } else { "invalid_utf8" }
                                 }
                                 None => "error",
@@ -170,7 +200,50 @@ impl Session {
         }
     }
 
-    async fn on_text(&mut self, text: &str) {
+    /// When the connection's credentials expire, as a timer deadline.
+    fn expiry(&self) -> Option<tokio::time::Instant> {
+        let exp = self.identity.exp?;
+        let left = exp.saturating_sub(now_secs());
+        Some(tokio::time::Instant::now() + Duration::from_secs(left))
+    }
+
+    /// Takes a token from a per-connection limit, or answers
+    /// `rate_limited` and says no.
+    async fn allow(&mut self, which: &'static str) -> bool {
+        let slot = if which == "join_rate" {
+            &mut self.joins_limit
+        } else {
+            &mut self.history_limit
+        };
+        let Some((limit, bucket)) = slot else {
+            return true;
+        };
+        match bucket.take(*limit, tokio::time::Instant::now()) {
+            Ok(()) => true,
+            Err(wait) => {
+                METRICS.limited.with_label_values(&[which]).inc();
+                let what = if which == "join_rate" {
+                    "join"
+                } else {
+                    "history"
+                };
+                let frame = ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    message: format!("too many {what} requests; slow down"),
+                    reference: None,
+                    retry_after_ms: Some(
+                        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+                    ),
+                };
+                self.conn.reply(&frame).await;
+                false
+            }
+        }
+    }
+
+    /// Handles one text frame; returns a disconnect reason when the
+    /// connection must end.
+    async fn on_text(&mut self, text: &str) -> Option<&'static str> {
         let frame = match decode_client(text) {
             Ok(f) => f,
             Err(e) => {
@@ -178,7 +251,7 @@ impl Session {
                 self.conn
                     .reply(&ServerFrame::error(e.code(), e.to_string()))
                     .await;
-                return;
+                return None;
             }
         };
         let kind = match &frame {
@@ -217,14 +290,53 @@ impl Session {
                 room,
                 before,
                 limit,
-            } => self.on_history(room, before, limit),
-            ClientFrame::Refresh { .. } => {
-                let msg = "this gateway does not use tokens; refresh is not needed";
-                self.conn
-                    .reply(&ServerFrame::error(ErrorCode::BadFrame, msg))
-                    .await;
+            } => {
+                if !self.identity.may_access(&room) {
+                    forbidden(&self.conn, &room).await;
+                } else if self.allow("history_rate").await {
+                    self.on_history(room, before, limit);
+                }
             }
+            ClientFrame::Refresh { token } => return self.on_refresh(&token).await,
         }
+        None
+    }
+
+    /// A new token for the same user extends the connection; one for
+    /// another user ends it (4003).
+    async fn on_refresh(&mut self, token: &str) -> Option<&'static str> {
+        let identity = match self.state.auth.verify_token(token) {
+            Ok(i) => i,
+            Err(e) => {
+                METRICS.auth_failures.inc();
+                self.conn
+                    .reply(&ServerFrame::error(ErrorCode::Unauthorized, e.to_string()))
+                    .await;
+                return None;
+            }
+        };
+        if identity.user != self.user {
+            METRICS.auth_failures.inc();
+            self.conn.close(close::TOKEN_INVALID);
+            return Some("token_invalid");
+        }
+        self.identity = identity;
+        // Rooms the new token no longer allows are left.
+        let lost: Vec<RoomId> = self
+            .joined
+            .iter()
+            .filter(|r| !self.identity.may_access(r))
+            .cloned()
+            .collect();
+        for room in lost {
+            self.joined.remove(&room);
+            self.state.hub.leave(&room, self.conn.id).await;
+            forbidden(&self.conn, &room).await;
+            self.conn.reply(&ServerFrame::Left { room }).await;
+        }
+        let exp = self.identity.exp.unwrap_or(0);
+        self.conn.reply(&ServerFrame::Refreshed { exp }).await;
+        None
     }
 
     async fn on_join(&mut self, room: RoomId, since: Option<u64>) {
@@ -235,8 +347,16 @@ impl Session {
                 .await;
             return;
         }
+        if !self.identity.may_access(&room) {
+            forbidden(&self.conn, &room).await;
+            return;
+        }
+        if !self.allow("join_rate").await {
+            return;
+        }
         let max = self.state.config.max_rooms_per_conn;
         if self.joined.len() >= max {
+            METRICS.limited.with_label_values(&["rooms_per_conn"]).inc();
             let msg = format!("a connection may join at most {max} rooms");
             self.conn
                 .reply(&ServerFrame::error(ErrorCode::Forbidden, msg))
@@ -271,6 +391,7 @@ impl Session {
         }
         let max = self.state.config.max_message_bytes;
         if text.len() > max {
+            METRICS.limited.with_label_values(&["message_size"]).inc();
             let frame = error(
                 ErrorCode::TooLarge,
                 format!("text is {} bytes; the limit is {max}", text.len()),
@@ -403,4 +524,14 @@ impl Session {
             }
         });
     }
+}
+
+/// Tells the client its token does not allow `room`.
+async fn forbidden(conn: &ConnTx, room: &RoomId) {
+    METRICS.limited.with_label_values(&["room_acl"]).inc();
+    let frame = ServerFrame::error(
+        ErrorCode::Forbidden,
+        format!("your token does not allow room {room}"),
+    );
+    conn.reply(&frame).await;
 }

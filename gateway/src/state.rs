@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::SessionLimits;
 use crate::fanout::RoomHub;
+use crate::limits::Edge;
 use crate::route::NodeClient;
 
 /// Shared gateway state.
@@ -21,6 +22,8 @@ pub struct AppState {
     pub client: NodeClient,
     /// Identity of new connections.
     pub auth: Arc<dyn Authenticator>,
+    /// Origin, per-address and API-key policy.
+    pub edge: Edge,
     /// Fires when the gateway drains: sessions close with 1012.
     pub shutdown: CancellationToken,
     /// Upgraded connections, which axum's graceful shutdown does not track.
@@ -36,6 +39,7 @@ impl AppState {
         hub: RoomHub,
         client: NodeClient,
         auth: Arc<dyn Authenticator>,
+        edge: Edge,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -43,6 +47,7 @@ impl AppState {
             hub,
             client,
             auth,
+            edge,
             shutdown,
             sessions: TaskTracker::new(),
             draining: AtomicBool::new(false),

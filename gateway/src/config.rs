@@ -39,6 +39,12 @@ pub struct Config {
     /// NATS server (2.10 or newer, with JetStream).
     #[arg(long, env = "CHAT_NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub nats_url: String,
+    /// NATS credentials file (`.creds`) for the account.
+    #[arg(long, env = "CHAT_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM CA bundle for a NATS server certificate from a private CA (TLS required then).
+    #[arg(long, env = "CHAT_NATS_CA_FILE")]
+    pub nats_ca_file: Option<PathBuf>,
     /// Prefix of every subject and bucket.
     #[arg(long, env = "CHAT_SUBJECT_PREFIX", default_value = "chat")]
     pub subject_prefix: String,
@@ -300,6 +306,14 @@ impl Config {
                 burst: self.rate_limit_burst,
             },
             ..RoomConfig::default()
+        }
+    }
+
+    /// NATS credentials and CA settings.
+    pub fn nats_auth(&self) -> chat_room_node::bus::nats::NatsAuth {
+        chat_room_node::bus::nats::NatsAuth {
+            creds_file: self.nats_creds_file.clone(),
+            ca_file: self.nats_ca_file.clone(),
         }
     }
 

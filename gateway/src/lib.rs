@@ -127,7 +127,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         ));
         (bus, Some(task))
     } else {
-        let bus = NatsBus::connect(&config.nats_url, &format!("gateway {gateway_id}")).await?;
+        let bus = NatsBus::connect(
+            &config.nats_url,
+            &format!("gateway {gateway_id}"),
+            &config.nats_auth(),
+        )
+        .await?;
         (Arc::new(bus), None)
     };
 

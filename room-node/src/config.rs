@@ -2,6 +2,7 @@
 //! fallback (names and defaults from the contract).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chat_protocol::subjects::Subjects;
@@ -33,6 +34,12 @@ pub struct Config {
     /// NATS server (2.10 or newer, with JetStream).
     #[arg(long, env = "CHAT_NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub nats_url: String,
+    /// NATS credentials file (`.creds`) for the account.
+    #[arg(long, env = "CHAT_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// PEM CA bundle for a NATS server certificate from a private CA (TLS required then).
+    #[arg(long, env = "CHAT_NATS_CA_FILE")]
+    pub nats_ca_file: Option<PathBuf>,
     /// Prefix of every subject and bucket, so clusters can share one NATS.
     #[arg(long, env = "CHAT_SUBJECT_PREFIX", default_value = "chat")]
     pub subject_prefix: String,
@@ -162,6 +169,14 @@ impl Config {
             high_water: self.buffer_high_water,
             idle_timeout: Duration::from_secs(self.room_idle_secs),
             ..RoomConfig::default()
+        }
+    }
+
+    /// NATS credentials and CA settings.
+    pub fn nats_auth(&self) -> crate::bus::nats::NatsAuth {
+        crate::bus::nats::NatsAuth {
+            creds_file: self.nats_creds_file.clone(),
+            ca_file: self.nats_ca_file.clone(),
         }
     }
 

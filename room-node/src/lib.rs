@@ -84,8 +84,14 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
             }
         })
     };
-    let bus: Arc<dyn Bus> =
-        Arc::new(NatsBus::connect(&config.nats_url, &format!("room-node {node_id}")).await?);
+    let bus: Arc<dyn Bus> = Arc::new(
+        NatsBus::connect(
+            &config.nats_url,
+            &format!("room-node {node_id}"),
+            &config.nats_auth(),
+        )
+        .await?,
+    );
     let store =
         Arc::new(PgStore::connect(&config.database_url, config.database_max_connections).await?);
     let settings = NodeSettings {

@@ -15,6 +15,16 @@ use super::{Bus, BusError, BusMessage, KvChange};
 /// behaviour async-nats relies on.
 pub const MIN_SERVER: (u64, u64) = (2, 10);
 
+/// How to reach NATS beyond its URL: credentials and a private CA.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    /// A `.creds` file (JWT + NKey seed) for the account.
+    pub creds_file: Option<std::path::PathBuf>,
+    /// A PEM CA bundle for a server certificate from a private CA; setting
+    /// it requires TLS.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
 /// A NATS connection.
 #[derive(Clone, Debug)]
 pub struct NatsBus {
@@ -38,13 +48,28 @@ impl NatsBus {
     /// # Errors
     /// [`BusError::Unsupported`] for a server older than 2.10 or without
     /// JetStream; [`BusError::Other`] for a URL that cannot work.
-    pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
+    pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> Result<Self, BusError> {
         let mut delay = Duration::from_millis(200);
         let (reconnect_tx, reconnects) = tokio::sync::watch::channel(0u64);
         let reconnect_tx = std::sync::Arc::new(reconnect_tx);
         let client = loop {
             let counter = reconnect_tx.clone();
-            let opts = async_nats::ConnectOptions::new()
+            let base = match &auth.creds_file {
+                Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                    .await
+                    .map_err(|e| {
+                        BusError::Unsupported(format!(
+                            "cannot read NATS credentials {}: {e}",
+                            path.display()
+                        ))
+                    })?,
+                None => async_nats::ConnectOptions::new(),
+            };
+            let base = match &auth.ca_file {
+                Some(ca) => base.add_root_certificates(ca.clone()).require_tls(true),
+                None => base,
+            };
+            let opts = base
                 .name(name)
                 .connection_timeout(Duration::from_secs(5))
                 .request_timeout(Some(Duration::from_secs(10)))

@@ -16,6 +16,10 @@
 //! `target/test-logs/<test-name>/<proc-name>.log`; errors from the harness
 //! quote the tail of the relevant log, and a [`TestCluster`] dropped while
 //! the test panics prints the tail of every log.
+//!
+//! Fault tests add a [`PrivatePostgres`] per cluster (so the database can
+//! be stopped) and the [`fault`] module: a workload of correct clients and
+//! a checker that holds what they saw against the database.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -43,6 +47,8 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub mod fault;
 
 /// Default admin URL of the Postgres the tests create their databases in.
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -604,6 +610,367 @@ pub async fn fresh_database() -> anyhow::Result<String> {
     Ok(url_with_database(&admin_url, &name))
 }
 
+/// Creates database `name` through the admin URL `admin_url`.
+async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(15),
+        sqlx::PgConnection::connect(admin_url),
+    )
+    .await
+    .map_err(|_| anyhow!("timed out connecting to Postgres at {admin_url}"))?
+    .with_context(|| format!("cannot connect to Postgres at {admin_url}"))?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("CREATE DATABASE {name} on {admin_url}"))?;
+    // Best effort: the server closes the session anyway.
+    let _ = conn.close().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Private Postgres
+// ---------------------------------------------------------------------------
+
+/// Socket paths are limited to ~107 bytes; a data dir longer than this gets
+/// a separate, short socket dir under `/tmp`.
+const PG_MAX_SOCKET_DIR: usize = 80;
+/// How long `pg_ctl` may take to start or stop the server.
+const PG_CTL_TIMEOUT_SECS: u32 = 60;
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that holds `pg_ctl` and
+/// `initdb` (Debian's layout; `./scripts/test.sh` installs the package).
+fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
+    let root = Path::new("/usr/lib/postgresql");
+    let entries = fs::read_dir(root).with_context(|| {
+        format!(
+            "no {}: install the postgresql package (./scripts/test.sh does) for a private Postgres",
+            root.display()
+        )
+    })?;
+    let mut best: Option<(Vec<u32>, PathBuf)> = None;
+    for entry in entries.flatten() {
+        let bin = entry.path().join("bin");
+        if !bin.join("pg_ctl").is_file() || !bin.join("initdb").is_file() {
+            continue;
+        }
+        let version: Vec<u32> = entry
+            .file_name()
+            .to_string_lossy()
+            .split('.')
+            .map(|p| p.parse().unwrap_or(0))
+            .collect();
+        if best.as_ref().is_none_or(|(v, _)| version > *v) {
+            best = Some((version, bin));
+        }
+    }
+    best.map(|(_, b)| b)
+        .with_context(|| format!("no {}/*/bin with pg_ctl and initdb", root.display()))
+}
+
+/// Whether this process runs as root (then Postgres tools must run as the
+/// `postgres` user: the server refuses to run as root). `/proc/self` is
+/// owned by the effective user; no `unsafe` `geteuid` needed.
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A command for a Postgres tool, run as `postgres` through `runuser` when
+/// we are root.
+fn pg_tool(bin: &Path, tool: &str) -> std::process::Command {
+    let exe = bin.join(tool);
+    if running_as_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(exe);
+        c
+    } else {
+        std::process::Command::new(exe)
+    }
+}
+
+/// Gives `dir` to the `postgres` user (when we are root) with mode 700, as
+/// the server requires for its data directory.
+fn give_to_postgres(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 700 {}", dir.display()))?;
+    if running_as_root() {
+        let status = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(dir)
+            .status()
+            .context("running chown")?;
+        if !status.success() {
+            bail!(
+                "chown postgres:postgres {} failed ({status}): is there a `postgres` user?",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+static STALE_PG_REMOVED: AtomicBool = AtomicBool::new(false);
+
+/// Stops and removes `chat-test-pg-<pid>-…` dirs left in the temp dir by
+/// test processes that died before their [`PrivatePostgres`] was dropped
+/// (the server is a daemon and outlives a killed test process).
+fn remove_stale_pg_dirs(bin: &Path) {
+    if STALE_PG_REMOVED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    for root in [std::env::temp_dir(), PathBuf::from("/tmp")] {
+        let Ok(entries) = fs::read_dir(&root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| {
+                    n.strip_prefix("chat-test-pg-")
+                        .or_else(|| n.strip_prefix("chat-test-pgsock-"))
+                })
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let dir = entry.path();
+            if dir.join("postmaster.pid").exists() {
+                // Best effort: a dead test's server; if this fails the
+                // directory removal below still frees the disk.
+                let _ = pg_tool(bin, "pg_ctl")
+                    .arg("-D")
+                    .arg(&dir)
+                    .args(["-m", "immediate", "-w", "stop"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            // Best effort cleanup of a dead test's leftovers.
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// A private Postgres server (its own `initdb` cluster on a free port) that
+/// a test can stop and start again.
+///
+/// Why: the shared Postgres on 5432 cannot be taken away from one test
+/// without breaking every other; fault tests need a database outage of
+/// their own. The data dir lives in the temp dir, owned by `postgres`; the
+/// server log is `target/test-logs/<test>/postgres.log`. Dropping it stops
+/// the server (immediate mode) and removes the data dir.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    port: u16,
+    data_dir: PathBuf,
+    /// Separate short socket dir when the data dir path is too long.
+    socket_dir: Option<PathBuf>,
+    log_path: PathBuf,
+    running: bool,
+}
+
+impl fmt::Debug for PrivatePostgres {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivatePostgres")
+            .field("port", &self.port)
+            .field("data_dir", &self.data_dir)
+            .field("log_path", &self.log_path)
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
+impl PrivatePostgres {
+    /// Runs `initdb` (trust auth, user `postgres`, no fsync) in a fresh
+    /// temp dir and starts the server on a free loopback port, logging to
+    /// `target/test-logs/<test_name>/postgres.log`. Takes a second or two.
+    ///
+    /// # Errors
+    /// When the Postgres binaries or the `postgres` user are missing, or
+    /// the server does not start (the error quotes its log).
+    pub async fn start(test_name: &str) -> anyhow::Result<PrivatePostgres> {
+        let bin = postgres_bin_dir()?;
+        remove_stale_pg_dirs(&bin);
+        let tag = format!(
+            "{}-{}-{:08x}",
+            std::process::id(),
+            next_counter(),
+            random_u64() as u32
+        );
+        let data_dir = std::env::temp_dir().join(format!("chat-test-pg-{tag}"));
+        fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let socket_dir = if data_dir.as_os_str().len() > PG_MAX_SOCKET_DIR {
+            let d = PathBuf::from(format!("/tmp/chat-test-pgsock-{tag}"));
+            fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+            give_to_postgres(&d)?;
+            Some(d)
+        } else {
+            None
+        };
+        let log_path = logs_root().join(sanitize(test_name)).join("postgres.log");
+        if let Some(dir) = log_path.parent() {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create log dir {}", dir.display()))?;
+        }
+        let mut pg = PrivatePostgres {
+            bin,
+            port: free_port()?,
+            data_dir,
+            socket_dir,
+            log_path,
+            running: false,
+        };
+        give_to_postgres(&pg.data_dir)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&pg.log_path)
+            .with_context(|| format!("cannot open {}", pg.log_path.display()))?;
+        let log2 = log.try_clone()?;
+        let mut initdb = Command::from(pg_tool(&pg.bin, "initdb"));
+        initdb
+            .arg("-D")
+            .arg(&pg.data_dir)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .arg("--locale=C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let status = initdb.status().await.context("running initdb")?;
+        if !status.success() {
+            bail!(
+                "initdb {} failed ({status}); log ({}):\n{}",
+                pg.data_dir.display(),
+                pg.log_path.display(),
+                log_tail(&pg.log_path, LOG_TAIL_LINES)
+            );
+        }
+        pg.start_again().await?;
+        Ok(pg)
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/DB`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The port the server listens on (stable across stop and start).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server log, to read when a test fails.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Whether the server is started (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Runs `pg_ctl` with `args` (its output and the server's go to the
+    /// log) and fails with the log tail when it does.
+    async fn pg_ctl(&self, args: &[&str], what: &str) -> anyhow::Result<()> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("cannot open {}", self.log_path.display()))?;
+        // Best effort: a marker in the log to find the fault in it.
+        let _ = writeln!(log, "=== harness: pg_ctl {what} ===");
+        let log2 = log.try_clone()?;
+        let mut cmd = Command::from(pg_tool(&self.bin, "pg_ctl"));
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-t", &PG_CTL_TIMEOUT_SECS.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let status = cmd
+            .status()
+            .await
+            .with_context(|| format!("running pg_ctl {what}"))?;
+        if !status.success() {
+            bail!(
+                "pg_ctl {what} failed ({status}); log ({}):\n{}",
+                self.log_path.display(),
+                log_tail(&self.log_path, LOG_TAIL_LINES)
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the server with a fast shutdown (clients are disconnected at
+    /// once, nothing is lost) and waits until it is gone. A no-op when
+    /// stopped. Why: the database outage of fault tests.
+    ///
+    /// # Errors
+    /// When `pg_ctl stop` fails (the error quotes the server log).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        self.pg_ctl(&["-m", "fast", "-w", "stop"], "stop (fast)")
+            .await?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Starts the server again on the same port with the same data, and
+    /// waits until it accepts connections. A no-op when running.
+    ///
+    /// # Errors
+    /// When `pg_ctl start` fails (the error quotes the server log).
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.running {
+            return Ok(());
+        }
+        let socket_dir = self.socket_dir.as_ref().unwrap_or(&self.data_dir);
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            socket_dir.display()
+        );
+        self.pg_ctl(&["-w", "-o", &opts, "start"], "start").await?;
+        self.running = true;
+        Ok(())
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.running {
+            // Best effort in a destructor: the temp dir is removed anyway,
+            // and a leftover server is stopped by the next run's cleanup.
+            let _ = pg_tool(&self.bin, "pg_ctl")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        // Best effort cleanup of temp dirs.
+        let _ = fs::remove_dir_all(&self.data_dir);
+        if let Some(d) = &self.socket_dir {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Binaries and processes
 // ---------------------------------------------------------------------------
@@ -1076,6 +1443,7 @@ pub struct TestClusterBuilder {
     gateways: usize,
     room_nodes: usize,
     env: Vec<(String, String)>,
+    private_postgres: bool,
 }
 
 impl TestClusterBuilder {
@@ -1098,6 +1466,14 @@ impl TestClusterBuilder {
         self
     }
 
+    /// Runs the cluster's database in its own [`PrivatePostgres`] (database
+    /// `chat`) instead of a fresh database on the shared server. Why: fault
+    /// tests stop and start it ([`TestCluster::postgres`]).
+    pub fn private_postgres(mut self) -> Self {
+        self.private_postgres = true;
+        self
+    }
+
     /// Starts NATS, a fresh database, the room nodes and the gateways, and
     /// waits until every process answers `/readyz` with 200 and every
     /// gateway's ring contains all room nodes (60 s deadline).
@@ -1109,9 +1485,19 @@ impl TestClusterBuilder {
         let nats = Nats::start_named(&self.test_name)
             .await
             .context("starting NATS for the test cluster")?;
-        let database_url = fresh_database()
-            .await
-            .context("creating the test cluster's database")?;
+        let (postgres, database_url) = if self.private_postgres {
+            let pg = PrivatePostgres::start(&self.test_name)
+                .await
+                .context("starting the test cluster's private Postgres")?;
+            create_database(&pg.url("postgres"), "chat").await?;
+            let url = pg.url("chat");
+            (Some(pg), url)
+        } else {
+            let url = fresh_database()
+                .await
+                .context("creating the test cluster's database")?;
+            (None, url)
+        };
         let mut cluster = TestCluster {
             test_name: self.test_name,
             prefix: format!("t{:012x}", random_u64() & 0xffff_ffff_ffff),
@@ -1120,6 +1506,7 @@ impl TestClusterBuilder {
             gateways: Vec::new(),
             nodes: Vec::new(),
             nats,
+            postgres,
         };
         for _ in 0..self.room_nodes {
             cluster.spawn_node()?;
@@ -1196,6 +1583,8 @@ pub struct TestCluster {
     gateways: Vec<Member>,
     nodes: Vec<Member>,
     nats: Nats,
+    /// The cluster's own Postgres, with [`TestClusterBuilder::private_postgres`].
+    postgres: Option<PrivatePostgres>,
 }
 
 impl fmt::Debug for TestCluster {
@@ -1227,6 +1616,7 @@ impl TestCluster {
             gateways: 1,
             room_nodes: 1,
             env: Vec::new(),
+            private_postgres: false,
         }
     }
 
@@ -1465,6 +1855,35 @@ impl TestCluster {
         &mut self.nats
     }
 
+    /// The cluster's private Postgres, to stop and start it. Panics unless
+    /// the cluster was built with [`TestClusterBuilder::private_postgres`]
+    /// (a bug in the test itself).
+    pub fn postgres(&mut self) -> &mut PrivatePostgres {
+        self.postgres.as_mut().unwrap_or_else(|| {
+            panic!("TestCluster::postgres() needs TestClusterBuilder::private_postgres()")
+        })
+    }
+
+    /// The HTTP/WebSocket addresses of every gateway, in index order
+    /// (stable across restarts). Why: clients that fail over between
+    /// gateways need them all.
+    pub fn gateway_addrs(&self) -> Vec<SocketAddr> {
+        self.gateways.iter().map(|m| m.addr).collect()
+    }
+
+    /// The `CHAT_NODE_ID` of room node `i` (`node-<i>`), as it appears in
+    /// heartbeats and leases.
+    pub fn node_id(&self, i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    /// The value of the unlabelled metric `name` in room node `i`'s
+    /// `/metrics` (`None` when absent). Why: tests pick nodes by load, e.g.
+    /// the one with the most `chat_room_active_rooms`.
+    pub async fn node_metric(&self, i: usize, name: &str) -> anyhow::Result<Option<f64>> {
+        Ok(metric_value(&self.node_metrics(i).await?, name))
+    }
+
     /// The body of gateway `i`'s `/metrics` (errors on non-200).
     pub async fn metrics(&self, i: usize) -> anyhow::Result<String> {
         let r = http_get(self.gateway_addr(i), "/metrics").await?;
@@ -1498,6 +1917,13 @@ impl Drop for TestCluster {
                     m.proc.name(),
                     m.proc.log_path().display(),
                     m.proc.log_tail(LOG_TAIL_LINES)
+                ));
+            }
+            if let Some(pg) = &self.postgres {
+                report.push_str(&format!(
+                    "----- postgres ({}) last {LOG_TAIL_LINES} lines -----\n{}\n",
+                    pg.log_path().display(),
+                    log_tail(pg.log_path(), LOG_TAIL_LINES)
                 ));
             }
             eprintln!("{report}");

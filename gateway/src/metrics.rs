@@ -29,8 +29,12 @@ pub struct GatewayMetrics {
     pub auth_failures: IntCounter,
     /// Time from a `send` frame to its `ack`.
     pub send_ack_seconds: Histogram,
-    /// Failed requests to room nodes by kind.
+    /// Failed tries of requests to room nodes by kind (one request may
+    /// fail several tries and still succeed).
     pub node_request_errors: IntCounterVec,
+    /// Requests to room nodes by final outcome (`ok`, `unavailable`): the
+    /// denominator of an error ratio, and what clients saw.
+    pub node_requests: IntCounterVec,
     /// Rooms with a subscription on this gateway.
     pub rooms: IntGauge,
     /// Live room nodes in this gateway's ring.
@@ -99,6 +103,12 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
             "chat_gateway_node_request_errors_total",
             "Failed requests to room nodes by kind",
             &["kind"]
+        )
+        .unwrap(),
+        node_requests: register_int_counter_vec!(
+            "chat_gateway_node_requests_total",
+            "Requests to room nodes by final outcome",
+            &["outcome"]
         )
         .unwrap(),
         rooms: register_int_gauge!("chat_gateway_rooms", "Rooms subscribed on this gateway")

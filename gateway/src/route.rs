@@ -102,7 +102,10 @@ impl NodeClient {
                                 .inc();
                             last = format!("node {owner} does not own the room");
                         }
-                        Ok(reply) => return Ok(reply),
+                        Ok(reply) => {
+                            METRICS.node_requests.with_label_values(&["ok"]).inc();
+                            return Ok(reply);
+                        }
                         Err(e) => {
                             METRICS
                                 .node_request_errors
@@ -147,6 +150,10 @@ impl NodeClient {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        METRICS
+            .node_requests
+            .with_label_values(&["unavailable"])
+            .inc();
         Err(RouteError::Unavailable(last))
     }
 }

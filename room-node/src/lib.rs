@@ -101,7 +101,12 @@ pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken
         node_ttl: Duration::from_millis(config.node_ttl_ms),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
     };
-    let res = node::serve(settings, bus, store, shutdown, ready_tx).await;
+    let span = tracing::info_span!("node", node.id = %settings.node_id);
+    let res = tracing::Instrument::instrument(
+        node::serve(settings, bus, store, shutdown, ready_tx),
+        span,
+    )
+    .await;
     admin_cancel.cancel();
     // The admin server only serves probes; its end result does not matter.
     let _ = admin_task.await;

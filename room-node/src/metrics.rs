@@ -26,6 +26,10 @@ pub struct NodeMetrics {
     pub flush_batch_rows: Histogram,
     /// Group commits retried after a database failure.
     pub flush_retries: IntCounter,
+    /// Failed attempts of the group commit now being retried; 0 once a
+    /// commit gets through. Unlike the retry counter it says whether the
+    /// database is failing *now*, which is what an alert needs.
+    pub flush_failing: IntGauge,
     /// Room batches the database rejected (then reconciled and retried).
     pub flush_rejected: IntCounter,
     /// Rows committed.
@@ -88,6 +92,11 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
         flush_retries: register_int_counter!(
             "chat_room_flush_retries_total",
             "Group commits retried after a database failure"
+        )
+        .unwrap(),
+        flush_failing: register_int_gauge!(
+            "chat_room_flush_consecutive_failures",
+            "Failed attempts of the group commit being retried; 0 after a commit"
         )
         .unwrap(),
         flush_rejected: register_int_counter!(

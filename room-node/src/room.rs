@@ -159,8 +159,11 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> (RoomHandle, tokio::task::JoinHandle<RoomStats>) {
     let (tx, rx) = mpsc::channel(MAILBOX);
+    // Every log line of the actor names its room and node, so one room's
+    // story can be followed across owners.
+    let span = tracing::info_span!("room", room.id = %room, node.id = %deps.node_id);
     let actor = RoomActor::new(room, deps, rx);
-    let task = tokio::spawn(actor.run(cancel));
+    let task = tokio::spawn(tracing::Instrument::instrument(actor.run(cancel), span));
     (RoomHandle { tx }, task)
 }
 

@@ -96,7 +96,8 @@ pub fn spawn(
         owner,
         ttl: lease_ttl,
     };
-    let task = tokio::spawn(run(store, fence, rx));
+    let span = tracing::info_span!("writer", node.id = %fence.owner);
+    let task = tokio::spawn(tracing::Instrument::instrument(run(store, fence, rx), span));
     (WriterHandle { tx }, task)
 }
 
@@ -172,11 +173,17 @@ async fn commit_retrying(
                 METRICS.flush_batch_rows.observe(rows as f64);
                 let fenced_rows: usize = fenced.iter().map(|&i| jobs[i].rows.len()).sum();
                 METRICS.rows_persisted.inc_by((rows - fenced_rows) as u64);
+                METRICS.flush_failing.set(0);
                 return Ok((ts_ms, fenced));
             }
-            Err(StoreError::Rejected(reason)) => return Err(reason),
+            Err(StoreError::Rejected(reason)) => {
+                // The database answered: it is reachable, the rows are not.
+                METRICS.flush_failing.set(0);
+                return Err(reason);
+            }
             Err(StoreError::Unavailable(reason)) => {
                 METRICS.flush_retries.inc();
+                METRICS.flush_failing.inc();
                 tracing::warn!(%reason, rows, retry_in_ms = backoff.as_millis() as u64, "commit failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);

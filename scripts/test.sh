@@ -10,6 +10,7 @@
 #     throw-away cluster under target/tools/pg on a free port (installing the
 #     postgresql package if needed), exported as CHAT_TEST_DATABASE_URL and
 #     stopped again on exit;
+#   - scripts/validate-deploy.sh (chart, alert rules, dashboard; offline);
 #   - cargo build of the binaries (cargo test does not build other
 #     packages' binaries, and the tests run them), then
 #     cargo test --workspace --locked "$@".
@@ -200,6 +201,14 @@ test_args=(--locked)
 if is_ci; then
   export CARGO_TERM_COLOR=never
   case " $* " in *" --no-fail-fast "*) ;; *) test_args+=(--no-fail-fast) ;; esac
+fi
+
+# ---------------------------------------------------------------- deploy
+# Helm chart, alert rules, dashboard, compose file: offline checks, a few
+# seconds (skipped when only some packages are tested).
+if [ "$has_pkg" = 0 ]; then
+  say "scripts/validate-deploy.sh"
+  "$ROOT/scripts/validate-deploy.sh"
 fi
 
 say "cargo build --workspace --bins --locked${release[*]:+ ${release[*]}}"

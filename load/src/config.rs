@@ -1,0 +1,287 @@
+//! Command-line settings of a load run.
+
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs as _};
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::Error;
+
+/// Default length of every message text, in bytes (the benchmark goals use
+/// 100-byte messages).
+pub const DEFAULT_MESSAGE_BYTES: usize = 100;
+/// Default seconds of the measured phase.
+pub const DEFAULT_DURATION_SECS: u64 = 10;
+/// Default connects in flight at once while the load ramps up.
+pub const DEFAULT_CONNECT_CONCURRENCY: usize = 256;
+/// Default WebSocket read buffer per connection. Small on purpose: the
+/// tool must hold 100,000 connections (tungstenite's default is 128 KiB).
+pub const DEFAULT_READ_BUFFER: usize = 4096;
+/// Default connections per loopback source address. The gateway's
+/// default `CHAT_MAX_CONNS_PER_IP` is 1000, and one address has about
+/// 28,000 ephemeral ports; staying well below both lets any N connect.
+pub const DEFAULT_CONNS_PER_SOURCE: usize = 500;
+/// Default most unacknowledged sends per sender.
+pub const DEFAULT_WINDOW: usize = 64;
+
+/// What a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// N connections joined to rooms, application pings only: memory per
+    /// connection.
+    Idle,
+    /// One room, N members, `--senders` of them sending `--rate` msgs/s in
+    /// total: fan-out throughput and latency.
+    Fanout,
+    /// `--rooms` rooms of `--conns / --rooms` members, `--rate` msgs/s
+    /// into each room: the many-small-rooms workload.
+    Rooms,
+    /// Like `rooms`, while non-sending members disconnect and come back
+    /// (`--churn-rate` per second in total), resuming with `since`.
+    Churn,
+}
+
+/// Settings of one run. Every flag has a default that makes a small run
+/// against a local gateway.
+#[derive(Debug, Clone, Parser, serde::Serialize)]
+#[command(
+    name = "chat-load",
+    version,
+    about = "Load generator for the chat cluster",
+    long_about = "Opens many WebSocket connections to one or more gateways, runs a scenario, \
+                  checks that every member received every message exactly once in seq order, \
+                  and reports throughput, send→receive latency, errors, close codes and server \
+                  memory and CPU."
+)]
+pub struct LoadConfig {
+    /// The scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Gateway WebSocket URLs (comma list); connection i uses URL i mod n.
+    #[arg(
+        long = "url",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
+    pub urls: Vec<String>,
+    /// Connections in total (fan-out: the room's members).
+    #[arg(long, default_value_t = 100)]
+    pub conns: usize,
+    /// Rooms the connections are spread over (member i joins room i mod
+    /// rooms). Default: 1 for fan-out, conns/10 otherwise.
+    #[arg(long)]
+    pub rooms: Option<usize>,
+    /// Messages per second into each room (0: as fast as the window
+    /// allows).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Sending members per room. Default: 1 for fan-out and churn, every
+    /// member for rooms, none for idle.
+    #[arg(long)]
+    pub senders: Option<usize>,
+    /// Most unacknowledged sends per sender; a sender waits when it is
+    /// reached (so an overloaded server slows the load instead of drowning).
+    #[arg(long, default_value_t = DEFAULT_WINDOW)]
+    pub window: usize,
+    /// Churn: disconnects per second over all non-sending members; each
+    /// reconnects at once and resumes with `since`.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_rate: f64,
+    /// Length of the measured phase, in seconds.
+    #[arg(long, default_value_t = DEFAULT_DURATION_SECS)]
+    pub duration: u64,
+    /// Bytes of every message text (a send timestamp plus padding).
+    #[arg(long, default_value_t = DEFAULT_MESSAGE_BYTES)]
+    pub message_bytes: usize,
+    /// Seconds between application pings of each connection.
+    #[arg(long, default_value_t = 20)]
+    pub ping_secs: u64,
+    /// Connects (TCP + upgrade + join) in flight at once during ramp-up.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_CONCURRENCY)]
+    pub connect_concurrency: usize,
+    /// Connections per loopback source address (127.0.0.1, 127.0.0.2, ...);
+    /// passes the per-address ephemeral-port limit and
+    /// `CHAT_MAX_CONNS_PER_IP`.
+    #[arg(long, default_value_t = DEFAULT_CONNS_PER_SOURCE)]
+    pub conns_per_source: usize,
+    /// WebSocket read buffer per connection, in bytes.
+    #[arg(long, default_value_t = DEFAULT_READ_BUFFER)]
+    pub read_buffer: usize,
+    /// Seconds to wait for every connection to be joined.
+    #[arg(long, default_value_t = 120)]
+    pub connect_timeout: u64,
+    /// Seconds to wait after the load stops for acks and deliveries.
+    #[arg(long, default_value_t = 15)]
+    pub drain_timeout: u64,
+    /// Seconds to wait with every connection joined before memory is read
+    /// (lets allocators and queues settle).
+    #[arg(long, default_value_t = 2)]
+    pub settle: u64,
+    /// HS256 secret: connect with `?token=JWT` instead of dev auth
+    /// `?user=NAME`.
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub jwt_secret: Option<String>,
+    /// Gateway process ids: their RSS (VmRSS) per connection is reported.
+    #[arg(long = "gateway-pid", value_delimiter = ',')]
+    pub gateway_pids: Vec<u32>,
+    /// Room-node process ids: their RSS per connection is reported.
+    #[arg(long = "node-pid", value_delimiter = ',')]
+    pub node_pids: Vec<u32>,
+    /// Every server-side process id (gateway, room node, nats-server,
+    /// postmaster): CPU over the measured phase is summed over them and
+    /// their child processes (Postgres backends).
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    pub server_pids: Vec<u32>,
+    /// Server settings this run relies on (e.g.
+    /// `CHAT_RATE_LIMIT_PER_SEC=0`), copied into the results so they say
+    /// under which limits they were measured.
+    #[arg(long = "server-setting", value_delimiter = ',')]
+    pub server_settings: Vec<String>,
+    /// Free text copied into the results (machine, pinning, build).
+    #[arg(long)]
+    pub note: Option<String>,
+    /// Directory for `results.json`, `summary.txt` and `plot.png`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No per-second progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl LoadConfig {
+    /// Parses command-line style arguments (the first is the program
+    /// name), for callers that run the tool as a library, like the smoke
+    /// tests.
+    ///
+    /// # Errors
+    /// [`Error::Config`] with clap's message.
+    pub fn from_args<I, T>(args: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from(args).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Rooms of the run after defaults.
+    pub fn room_count(&self) -> usize {
+        match (self.scenario, self.rooms) {
+            (Scenario::Fanout, _) => 1,
+            (_, Some(r)) => r.max(1),
+            (_, None) => (self.conns / 10).max(1),
+        }
+    }
+
+    /// Sending members per room after defaults (never more than members).
+    pub fn senders_per_room(&self) -> usize {
+        let members = self.conns / self.room_count();
+        let s = match (self.scenario, self.senders) {
+            (Scenario::Idle, _) => 0,
+            (_, Some(s)) => s,
+            (Scenario::Rooms, None) => members,
+            (Scenario::Fanout | Scenario::Churn, None) => 1,
+        };
+        s.min(members)
+    }
+
+    /// Checks the settings before any connection is made.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad setting.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.conns == 0 {
+            return Err(Error::Config("--conns must be at least 1".into()));
+        }
+        if self.conns < self.room_count() {
+            return Err(Error::Config(format!(
+                "--conns {} is fewer than --rooms {}",
+                self.conns,
+                self.room_count()
+            )));
+        }
+        if self.message_bytes < 20 {
+            return Err(Error::Config(
+                "--message-bytes must be at least 20 (the timestamp)".into(),
+            ));
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            return Err(Error::Config("--rate must be a number >= 0".into()));
+        }
+        if self.window == 0 || self.conns_per_source == 0 || self.connect_concurrency == 0 {
+            return Err(Error::Config(
+                "--window, --conns-per-source and --connect-concurrency must be >= 1".into(),
+            ));
+        }
+        if self.urls.is_empty() {
+            return Err(Error::Config("--url is empty".into()));
+        }
+        for u in &self.urls {
+            target_addr(u)?;
+        }
+        Ok(())
+    }
+}
+
+/// The TCP address of a `ws://host:port/path` URL.
+///
+/// # Errors
+/// [`Error::Config`] for another scheme or an unresolvable host.
+pub fn target_addr(url: &str) -> Result<SocketAddr, Error> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| Error::Config(format!("{url}: only ws:// URLs are supported")))?;
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| Error::Config(format!("{url}: {e}")))?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| Error::Config(format!("{url}: no IPv4 address")))
+}
+
+/// The `k`-th loopback source address: 127.0.0.1, 127.0.0.2, ...,
+/// 127.0.0.254, 127.0.1.1, ... (all of 127/8 is loopback on Linux).
+pub fn source_addr(k: usize) -> Ipv4Addr {
+    let k = k % (254 * 256 * 256);
+    Ipv4Addr::new(
+        127,
+        ((k / 254 / 256) % 256) as u8,
+        ((k / 254) % 256) as u8,
+        (k % 254 + 1) as u8,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_stay_in_loopback() {
+        assert_eq!(source_addr(0), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(source_addr(253), Ipv4Addr::new(127, 0, 0, 254));
+        assert_eq!(source_addr(254), Ipv4Addr::new(127, 0, 1, 1));
+        assert!(source_addr(1_000_000).is_loopback());
+    }
+
+    #[test]
+    fn defaults_per_scenario() {
+        let c = LoadConfig::parse_from(["chat-load", "fanout", "--conns", "50"]);
+        assert_eq!((c.room_count(), c.senders_per_room()), (1, 1));
+        let c = LoadConfig::parse_from(["chat-load", "rooms", "--conns", "50", "--rooms", "5"]);
+        assert_eq!((c.room_count(), c.senders_per_room()), (5, 10));
+        let c = LoadConfig::parse_from(["chat-load", "idle", "--conns", "50"]);
+        assert_eq!((c.room_count(), c.senders_per_room()), (5, 0));
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            target_addr("ws://127.0.0.1:9/ws").unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert!(target_addr("wss://x/ws").is_err());
+    }
+}

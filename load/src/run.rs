@@ -1,0 +1,413 @@
+//! One run: plan the connections, ramp them up, run the measured phase,
+//! drain, verify, close, and build the [`Report`].
+
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::config::{target_addr, LoadConfig, Scenario};
+use crate::conn::{self, Phase, Plan, Shared};
+use crate::report::{Latency, Memory, Report, Sample};
+use crate::stats::Stats;
+use crate::{sys, Error};
+
+/// Width of the send stamp at the start of every message text.
+const STAMP: usize = 16;
+/// How long connection tasks may take to close at the end.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Counters read at one instant.
+#[derive(Debug, Clone, Copy, Default)]
+struct Snap {
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+}
+
+impl Snap {
+    fn of(s: &Stats) -> Self {
+        Snap {
+            sent: Stats::get(&s.sent),
+            acked: Stats::get(&s.acked),
+            delivered: Stats::get(&s.delivered),
+        }
+    }
+}
+
+fn run_id() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(conn::now_us());
+    format!("load{:08x}", h.finish() as u32)
+}
+
+/// The connections of a run: member `i` joins room `i mod rooms`; the
+/// first `senders_per_room` members of each room send.
+fn plans(cfg: &LoadConfig) -> Vec<Plan> {
+    let rooms = cfg.room_count();
+    let senders = cfg.senders_per_room();
+    let per_sender = if senders > 0 {
+        cfg.rate / senders as f64
+    } else {
+        0.0
+    };
+    let quiet_members = cfg.conns - senders * rooms;
+    let churn_mean = (cfg.scenario == Scenario::Churn && cfg.churn_rate > 0.0)
+        .then(|| quiet_members as f64 / cfg.churn_rate);
+    (0..cfg.conns)
+        .map(|idx| {
+            let sender = idx / rooms < senders;
+            Plan {
+                idx,
+                room: idx % rooms,
+                rate: per_sender,
+                sender,
+                churn_mean_secs: if sender { None } else { churn_mean },
+            }
+        })
+        .collect()
+}
+
+/// Waits until `done()` or the deadline; returns whether `done()` held.
+async fn wait_until(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    while !done() {
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Runs a load scenario against the gateways in `cfg` and reports what it
+/// measured. Does not fail on a wrong result: the report says what was
+/// wrong ([`Report::problems`]).
+///
+/// # Errors
+/// [`Error::Config`] for settings that cannot work (checked before any
+/// connection is made).
+pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
+    cfg.validate()?;
+    let nofile = sys::raise_nofile(cfg.conns as u64 * 2 + 1024);
+    if nofile < cfg.conns as u64 + 64 {
+        eprintln!(
+            "chat-load: warning: RLIMIT_NOFILE is {nofile}, fewer than {} connections need",
+            cfg.conns
+        );
+    }
+    let rooms = cfg.room_count();
+    let senders_per_room = cfg.senders_per_room();
+    let run_id = run_id();
+    let targets = cfg
+        .urls
+        .iter()
+        .map(|u| {
+            let addr = target_addr(u)?;
+            let rest = u.trim_start_matches("ws://");
+            let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/ws");
+            Ok((addr, path.to_string()))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let jwt_key = match &cfg.jwt_secret {
+        Some(s) => Some(
+            jsonwebtoken::EncodingKey::from_secret(s.as_bytes())
+                .map_err(|e| Error::Config(format!("--jwt-secret: {e}")))?,
+        ),
+        None => None,
+    };
+    let plans = plans(&cfg);
+    let (phase, _) = watch::channel(Phase::Connecting);
+    let shared = Arc::new(Shared {
+        stats: Stats::new(rooms),
+        phase,
+        rooms: (0..rooms).map(|i| format!("{run_id}-r{i}")).collect(),
+        targets,
+        run_id,
+        gate: Semaphore::new(cfg.connect_concurrency),
+        ready_senders: AtomicU64::new(0),
+        pad: "x".repeat(cfg.message_bytes - STAMP),
+        jwt_key,
+        cfg: cfg.clone(),
+    });
+    let stats = &shared.stats;
+    let tool_pid = [std::process::id()];
+    let mut gw_mem = Memory {
+        before: sys::total_rss(&cfg.gateway_pids),
+        ..Memory::default()
+    };
+    let mut node_mem = Memory {
+        before: sys::total_rss(&cfg.node_pids),
+        ..Memory::default()
+    };
+    let mut tool_mem = Memory {
+        before: sys::total_rss(&tool_pid),
+        ..Memory::default()
+    };
+
+    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let progress = tokio::spawn(progress(shared.clone(), timeline.clone()));
+
+    // Ramp up.
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for plan in plans.iter().cloned() {
+        tasks.spawn(conn::run(shared.clone(), plan));
+    }
+    let n = cfg.conns as u64;
+    wait_until(Duration::from_secs(cfg.connect_timeout), || {
+        Stats::get(&stats.ready) + Stats::get(&stats.failed) >= n
+    })
+    .await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(cfg.settle)).await;
+    let ready = Stats::get(&stats.ready);
+    gw_mem.joined = sys::total_rss(&cfg.gateway_pids);
+    node_mem.joined = sys::total_rss(&cfg.node_pids);
+    tool_mem.joined = sys::total_rss(&tool_pid);
+
+    // The measured phase.
+    let s0 = Snap::of(stats);
+    let cpu0 = sys::cpu_ticks(&cfg.server_pids);
+    let t0 = Instant::now();
+    shared.phase.send_replace(Phase::Running);
+    tokio::time::sleep(Duration::from_secs(cfg.duration)).await;
+    let s1 = Snap::of(stats);
+    let cpu1 = sys::cpu_ticks(&cfg.server_pids);
+    let secs = t0.elapsed().as_secs_f64();
+    gw_mem.end = sys::total_rss(&cfg.gateway_pids);
+    node_mem.end = sys::total_rss(&cfg.node_pids);
+    tool_mem.end = sys::total_rss(&tool_pid);
+
+    // Drain: every send answered, then every member at its room's final seq.
+    shared.phase.send_replace(Phase::Stopping);
+    let drain = Duration::from_secs(cfg.drain_timeout);
+    let senders_ok = wait_until(drain, || {
+        Stats::get(&stats.senders_done) >= Stats::get(&shared.ready_senders)
+    })
+    .await;
+    shared.phase.send_replace(Phase::Verifying);
+    let verified_ok = wait_until(drain, || Stats::get(&stats.verified) >= ready).await;
+    shared.phase.send_replace(Phase::Closing);
+    let closed_ok = tokio::time::timeout(CLOSE_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    if !closed_ok {
+        tasks.abort_all();
+    }
+    progress.abort();
+
+    let finals: Vec<u64> = stats
+        .room_final
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .collect();
+    let expected: u64 = plans.iter().map(|p| finals[p.room]).sum();
+    gw_mem.finish(ready);
+    node_mem.finish(ready);
+    tool_mem.finish(ready);
+    let hist = stats.hists.lock().unwrap_or_else(|e| e.into_inner());
+    let latency = Latency::from_hist(&hist.total);
+    drop(hist);
+    let errors = stats
+        .errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let close_codes = stats
+        .closes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut r = Report {
+        config: cfg.clone(),
+        conns: cfg.conns,
+        rooms,
+        senders_per_room,
+        connected: ready,
+        failed: Stats::get(&stats.failed),
+        connect_errors: Stats::get(&stats.connect_errors),
+        connect_secs,
+        duration_secs: secs,
+        sent: Stats::get(&stats.sent),
+        acked: Stats::get(&stats.acked),
+        delivered: Stats::get(&stats.delivered),
+        expected_deliveries: expected,
+        duplicates: Stats::get(&stats.duplicates),
+        gaps: Stats::get(&stats.gaps),
+        missing: Stats::get(&stats.missing),
+        unexpected_closes: Stats::get(&stats.unexpected_closes),
+        churn_disconnects: Stats::get(&stats.churn_disconnects),
+        reconnects: Stats::get(&stats.reconnects),
+        sent_per_sec: (s1.sent - s0.sent) as f64 / secs,
+        acked_per_sec: (s1.acked - s0.acked) as f64 / secs,
+        delivered_per_sec: (s1.delivered - s0.delivered) as f64 / secs,
+        latency_ms: latency,
+        errors,
+        close_codes,
+        gateway_memory: gw_mem,
+        node_memory: node_mem,
+        tool_memory: tool_mem,
+        server_cpu_percent: (!cfg.server_pids.is_empty())
+            .then(|| sys::cpu_percent(&cpu0, &cpu1, secs)),
+        timeline: timeline.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        problems: Vec::new(),
+        correct: false,
+    };
+    let p = &mut r.problems;
+    if r.connected < n {
+        p.push(format!(
+            "{} of {n} connections never joined",
+            n - r.connected
+        ));
+    }
+    if r.connect_errors > 0 {
+        p.push(format!("{} failed connect attempts", r.connect_errors));
+    }
+    if !r.errors.is_empty() {
+        p.push(format!("error frames {:?}", r.errors));
+    }
+    if r.unexpected_closes > 0 {
+        p.push(format!(
+            "{} connections closed by the server {:?}",
+            r.unexpected_closes, r.close_codes
+        ));
+    }
+    if !senders_ok || r.acked < r.sent {
+        p.push(format!(
+            "{} sends never acknowledged",
+            r.sent.saturating_sub(r.acked)
+        ));
+    }
+    if !verified_ok {
+        p.push(format!(
+            "{} members did not reach their room's last seq in {drain:?}",
+            ready.saturating_sub(Stats::get(&stats.verified))
+        ));
+    }
+    if r.duplicates > 0 || r.gaps > 0 || r.missing > 0 {
+        p.push(format!(
+            "{} duplicate or out-of-order, {} skipped, {} never received",
+            r.duplicates, r.gaps, r.missing
+        ));
+    }
+    if r.delivered != r.expected_deliveries {
+        p.push(format!(
+            "{} deliveries, {} expected",
+            r.delivered, r.expected_deliveries
+        ));
+    }
+    if !closed_ok {
+        p.push("connections did not close in time".into());
+    }
+    r.correct = r.problems.is_empty();
+    Ok(r)
+}
+
+/// Prints one line a second and records the timeline.
+async fn progress(shared: Arc<Shared>, timeline: Arc<Mutex<Vec<Sample>>>) {
+    let start = Instant::now();
+    let stats = &shared.stats;
+    let mut last = Snap::of(stats);
+    let mut last_t = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = Snap::of(stats);
+        let dt = last_t.elapsed().as_secs_f64().max(1e-3);
+        last_t = Instant::now();
+        let interval = Latency::from_hist(&stats.take_interval());
+        let phase = match *shared.phase.borrow() {
+            Phase::Connecting => "connecting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Verifying => "verifying",
+            Phase::Closing => "closing",
+        };
+        let s = Sample {
+            t: start.elapsed().as_secs_f64(),
+            phase,
+            open: Stats::get(&stats.open),
+            sent_per_sec: (now.sent - last.sent) as f64 / dt,
+            acked_per_sec: (now.acked - last.acked) as f64 / dt,
+            delivered_per_sec: (now.delivered - last.delivered) as f64 / dt,
+            p50_ms: interval.p50,
+            p99_ms: interval.p99,
+        };
+        last = now;
+        if !shared.cfg.quiet {
+            let errs: u64 = stats
+                .errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .sum();
+            eprintln!(
+                "[{:>6.1}s] {:<10} open {:>6} joined {:>6}/{} | sent/s {:>8.0} acked/s {:>8.0} delivered/s {:>9.0} | p50 {:>7.2} ms p99 {:>7.2} ms | errors {} closes {} missing {}",
+                s.t,
+                s.phase,
+                s.open,
+                Stats::get(&stats.ready),
+                shared.cfg.conns,
+                s.sent_per_sec,
+                s.acked_per_sec,
+                s.delivered_per_sec,
+                s.p50_ms,
+                s.p99_ms,
+                errs + Stats::get(&stats.connect_errors),
+                Stats::get(&stats.unexpected_closes),
+                Stats::get(&stats.gaps),
+            );
+        }
+        timeline.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    }
+}
+
+/// Counts how many plans of each kind a run has, for tests.
+#[cfg(test)]
+fn plan_counts(cfg: &LoadConfig) -> std::collections::HashMap<&'static str, usize> {
+    let mut m = std::collections::HashMap::new();
+    for p in plans(cfg) {
+        *m.entry(if p.sender { "sender" } else { "member" })
+            .or_default() += 1;
+        if p.churn_mean_secs.is_some() {
+            *m.entry("churn").or_default() += 1;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn plans_follow_the_scenario() {
+        let c = LoadConfig::parse_from(["chat-load", "churn", "--conns", "40", "--rooms", "4"]);
+        let m = plan_counts(&c);
+        assert_eq!(m["sender"], 4);
+        assert_eq!(m["member"], 36);
+        assert_eq!(m["churn"], 36);
+        let c = LoadConfig::parse_from([
+            "chat-load",
+            "rooms",
+            "--conns",
+            "40",
+            "--rooms",
+            "4",
+            "--rate",
+            "8",
+        ]);
+        let p = plans(&c);
+        assert!(p.iter().all(|p| p.sender && (p.rate - 0.8).abs() < 1e-9));
+    }
+}

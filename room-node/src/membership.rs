@@ -15,6 +15,7 @@ use chat_protocol::NodeId;
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::bus::{Bus, BusError};
 
@@ -89,18 +90,21 @@ pub async fn watch_placement(
 ) -> Result<watch::Receiver<Placement>, BusError> {
     let mut live = watch_live(bus, subjects.nodes_bucket(), ttl, cancel.clone()).await?;
     let (tx, rx) = watch::channel(Placement::new(live.borrow_and_update().clone()));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                r = live.changed() => if r.is_err() { return },
-                _ = cancel.cancelled() => return,
+    tokio::spawn(
+        async move {
+            loop {
+                tokio::select! {
+                    r = live.changed() => if r.is_err() { return },
+                    _ = cancel.cancelled() => return,
+                }
+                let p = Placement::new(live.borrow_and_update().clone());
+                tracing::info!(nodes = ?p.nodes(), "placement ring changed");
+                tx.send_replace(p);
             }
-            let p = Placement::new(live.borrow_and_update().clone());
-            tracing::info!(nodes = ?p.nodes(), "placement ring changed");
-            crate::metrics::METRICS.ring_size.set(p.len() as i64);
-            tx.send_replace(p);
         }
-    });
+        // Log lines name the node (or gateway) that watches.
+        .in_current_span(),
+    );
     Ok(rx)
 }
 

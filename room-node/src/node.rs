@@ -130,6 +130,9 @@ pub async fn serve(
     let mut rooms: HashMap<RoomId, Entry> = HashMap::new();
     // Our own copy, so no watch guard is held across an await.
     let mut current = placement.borrow_and_update().clone();
+    // Set here, not in the shared ring watcher: gateways watch the ring too
+    // and must not export the room node's metrics.
+    METRICS.ring_size.set(current.len() as i64);
     tracing::info!(node.id = %me, "room node serving");
     ready.send_replace(true);
 
@@ -151,6 +154,7 @@ pub async fn serve(
             changed = placement.changed() => {
                 if changed.is_err() { break; }
                 current = placement.borrow_and_update().clone();
+                METRICS.ring_size.set(current.len() as i64);
                 rooms.retain(|room, e| {
                     let keep = current.owner(room).as_ref() == Some(&me);
                     if !keep {

@@ -68,7 +68,13 @@ impl PgStore {
                 }
             }
         };
-        sqlx::migrate!("./migrations/postgres")
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        // Rolling upgrades: a newer node may already have applied
+        // migrations this binary does not know. They are additive
+        // (expand/contract), so an older node restarting mid-upgrade must
+        // still start instead of refusing an unknown version.
+        migrator.set_ignore_missing(true);
+        migrator
             .run(&pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;

@@ -59,6 +59,34 @@ fn read_error_code(e: &axum::Error) -> Option<u16> {
     None
 }
 
+/// Longest a closing connection's writer may take to send what is queued
+/// and the close frame, before the socket is dropped regardless.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
+
+/// Longest a connection closed for cause is read from after its close
+/// frame was queued.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most reads a lingering connection gets, however fast they fail.
+const LINGER_READS: usize = 4096;
+
+/// Reads and discards what a client closed for cause (1009, 1007) still
+/// sends, for a bounded time. Closing a socket with unread bytes makes the
+/// kernel answer with a reset, which can destroy the close frame before the
+/// client reads it; lingering lets the client see why it was closed. The
+/// oversize frame itself is not buffered: these reads fail frame by frame.
+async fn linger<R>(stream: &mut R)
+where
+    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + LINGER;
+    for _ in 0..LINGER_READS {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(Message::Close(_))) | None) | Err(_) => return,
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
 impl Session {
     /// Runs the connection until the client leaves, the server drains, or
     /// the connection is closed for cause. `socket` is any sink/stream of
@@ -108,7 +136,13 @@ impl Session {
         drop(session);
         drop(tx);
         // The writer ends once the close frame is out or the socket failed.
-        let end = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        // A peer that stopped reading can block its write forever: past the
+        // bound the writer is aborted, which drops the socket.
+        let mut writer = writer;
+        let end = tokio::time::timeout(WRITER_GRACE, &mut writer).await;
+        if end.is_err() {
+            writer.abort();
+        }
         tracing::debug!(conn.id = id, reason, writer = ?end, "connection closed");
         METRICS.connections.dec();
     }
@@ -161,6 +195,7 @@ impl Session {
                             return match read_error_code(&e) {
                                 Some(code) => {
                                     self.conn.close(code);
+                                    linger(&mut stream).await;
                                     let limit = if code == close::TOO_BIG { "frame_size" } else { "invalid_utf8" };
                                     METRICS.limited.with_label_values(&[limit]).inc();
                                     if code == close::TOO_BIG { "too_big" } else { "invalid_utf8" }
@@ -248,9 +283,7 @@ impl Session {
             Ok(f) => f,
             Err(e) => {
                 METRICS.frames_in.with_label_values(&["invalid"]).inc();
-                self.conn
-                    .reply(&ServerFrame::error(e.code(), e.to_string()))
-                    .await;
+                self.conn.reply(&e.to_frame()).await;
                 return None;
             }
         };
@@ -409,49 +442,53 @@ impl Session {
         };
         let started = Instant::now();
         // Requests are published when first polled, and FuturesOrdered
-        // polls them in push order, so one connection's sends reach the
-        // owner in the order they were sent; acks come back in that order.
-        self.sends.push_back(Box::pin(async move {
-            match client.call(&req).await {
-                Ok((ReplyHead::Ack { seq, .. }, _)) => {
-                    METRICS
-                        .send_ack_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    ServerFrame::Ack {
-                        room,
-                        client_id,
-                        seq,
+        // first polls them in push order, so one connection's sends reach
+        // the owner in the order they were sent; acks come back in that
+        // order. `unconstrained`: with tokio's cooperative budget spent, a
+        // first poll would return Pending before publishing and a later
+        // send could be published first (seen in bursts of ~130 sends).
+        self.sends
+            .push_back(Box::pin(tokio::task::unconstrained(async move {
+                match client.call(&req).await {
+                    Ok((ReplyHead::Ack { seq, .. }, _)) => {
+                        METRICS
+                            .send_ack_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        ServerFrame::Ack {
+                            room,
+                            client_id,
+                            seq,
+                        }
                     }
-                }
-                Ok((
-                    ReplyHead::Error {
+                    Ok((
+                        ReplyHead::Error {
+                            code,
+                            message,
+                            retry_after_ms,
+                        },
+                        _,
+                    )) => ServerFrame::Error {
                         code,
                         message,
+                        reference: Some(client_id),
                         retry_after_ms,
                     },
-                    _,
-                )) => ServerFrame::Error {
-                    code,
-                    message,
-                    reference: Some(client_id),
-                    retry_after_ms,
-                },
-                Ok((other, _)) => {
-                    tracing::warn!(reply = ?other, "unexpected reply to send");
-                    error(
-                        ErrorCode::Internal,
-                        "unexpected reply from the room owner".into(),
-                        client_id,
-                    )
+                    Ok((other, _)) => {
+                        tracing::warn!(reply = ?other, "unexpected reply to send");
+                        error(
+                            ErrorCode::Internal,
+                            "unexpected reply from the room owner".into(),
+                            client_id,
+                        )
+                    }
+                    Err(e) => ServerFrame::Error {
+                        code: e.code(),
+                        message: e.to_string(),
+                        reference: Some(client_id),
+                        retry_after_ms: Some(1000),
+                    },
                 }
-                Err(e) => ServerFrame::Error {
-                    code: e.code(),
-                    message: e.to_string(),
-                    reference: Some(client_id),
-                    retry_after_ms: Some(1000),
-                },
-            }
-        }));
+            })));
     }
 
     fn on_history(&mut self, room: RoomId, before: Option<u64>, limit: Option<u32>) {

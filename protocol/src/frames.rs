@@ -265,21 +265,84 @@ impl ServerFrame {
 /// Why a text frame could not become a [`ClientFrame`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    /// Not JSON, no known `type`, or a field of the wrong kind.
-    #[error("{0}")]
-    BadFrame(String),
+    /// Not JSON, no known `type`, a field missing or of the wrong kind, or
+    /// a value the database cannot store.
+    #[error("{reason}")]
+    BadFrame {
+        /// What was wrong, for the client.
+        reason: String,
+        /// The frame's `client_id`, when it had a usable one, so a sender
+        /// can match the error to its `send`.
+        reference: Option<String>,
+    },
     /// The room name is invalid.
-    #[error("invalid room name")]
-    BadRoom,
+    #[error("invalid room name: room names are 1-128 characters of A-Z, a-z, 0-9, '_' or '-'")]
+    BadRoom {
+        /// The frame's `client_id`, as for [`FrameError::BadFrame`].
+        reference: Option<String>,
+    },
 }
 
 impl FrameError {
     /// The error code the client gets for this.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::BadFrame(_) => ErrorCode::BadFrame,
-            Self::BadRoom => ErrorCode::BadRoom,
+            Self::BadFrame { .. } => ErrorCode::BadFrame,
+            Self::BadRoom { .. } => ErrorCode::BadRoom,
         }
+    }
+
+    /// The `client_id` of the refused frame, for the error's `ref`.
+    pub fn reference(&self) -> Option<&str> {
+        match self {
+            Self::BadFrame { reference, .. } | Self::BadRoom { reference } => reference.as_deref(),
+        }
+    }
+
+    /// The error frame the client gets.
+    pub fn to_frame(&self) -> ServerFrame {
+        ServerFrame::Error {
+            code: self.code(),
+            message: self.to_string(),
+            reference: self.reference().map(str::to_owned),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// The fields a refused frame is probed for, to tell a bad room from any
+/// other fault and to find the `client_id` an error refers to. Only used on
+/// the error path, so valid frames are parsed once.
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(default, borrow)]
+    room: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    client_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A `client_id` fit to echo back in `ref`.
+fn usable_client_id(id: Option<&str>) -> Option<String> {
+    id.filter(|c| !c.is_empty() && c.len() <= MAX_CLIENT_ID_BYTES && !c.contains('\0'))
+        .map(str::to_owned)
+}
+
+/// Classifies a frame serde refused: `bad_room` when it names a room that
+/// breaks the grammar, `bad_frame` otherwise.
+fn refused(text: &str, err: &serde_json::Error) -> FrameError {
+    // A frame that is not even a JSON object has no fields to probe; a
+    // field of the wrong kind (`"room": 5`) makes the probe fail too, and
+    // is a bad frame either way.
+    let probe = serde_json::from_str::<Probe<'_>>(text).ok();
+    let reference = probe
+        .as_ref()
+        .and_then(|p| usable_client_id(p.client_id.as_deref()));
+    match probe.as_ref().and_then(|p| p.room.as_deref()) {
+        Some(room) if RoomId::new(room).is_err() => FrameError::BadRoom { reference },
+        _ => FrameError::BadFrame {
+            reason: err.to_string(),
+            reference,
+        },
     }
 }
 
@@ -288,29 +351,31 @@ impl FrameError {
 ///
 /// # Errors
 /// [`FrameError::BadRoom`] for an invalid room name, otherwise
-/// [`FrameError::BadFrame`] with a reason.
+/// [`FrameError::BadFrame`] with a reason; either carries the frame's
+/// `client_id` when it had a usable one.
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
-    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("room names are") {
-            FrameError::BadRoom
-        } else {
-            FrameError::BadFrame(msg)
-        }
-    })?;
+    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| refused(text, &e))?;
     if let ClientFrame::Send {
         text, client_id, ..
     } = &frame
     {
         if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_BYTES {
-            return Err(FrameError::BadFrame(format!(
-                "client_id must be 1-{MAX_CLIENT_ID_BYTES} bytes"
-            )));
+            return Err(FrameError::BadFrame {
+                reason: format!("client_id must be 1-{MAX_CLIENT_ID_BYTES} bytes"),
+                reference: None,
+            });
         }
-        if text.contains('\0') || client_id.contains('\0') {
-            return Err(FrameError::BadFrame(
-                "text may not contain NUL characters".into(),
-            ));
+        if client_id.contains('\0') {
+            return Err(FrameError::BadFrame {
+                reason: "client_id may not contain NUL characters".into(),
+                reference: None,
+            });
+        }
+        if text.contains('\0') {
+            return Err(FrameError::BadFrame {
+                reason: "text may not contain NUL characters".into(),
+                reference: Some(client_id.clone()),
+            });
         }
     }
     Ok(frame)
@@ -351,27 +416,41 @@ mod tests {
     fn refuses_bad_frames() {
         assert_eq!(
             decode_client(r#"{"type":"join","room":"a b"}"#),
-            Err(FrameError::BadRoom)
+            Err(FrameError::BadRoom { reference: None })
         );
         assert!(matches!(
             decode_client("nope"),
-            Err(FrameError::BadFrame(_))
+            Err(FrameError::BadFrame { .. })
         ));
+        // The grammar's wording in another field is not a bad room.
+        assert_eq!(
+            decode_client(r#"{"type":"room names are 1-128 characters"}"#).map_err(|e| e.code()),
+            Err(ErrorCode::BadFrame)
+        );
+        // A refused send names its client_id, so the sender can match it.
+        let e = decode_client(r#"{"type":"send","room":"a","text":"a\u0000b","client_id":"c9"}"#)
+            .unwrap_err();
+        assert_eq!((e.code(), e.reference()), (ErrorCode::BadFrame, Some("c9")));
+        let e = decode_client(r#"{"type":"send","room":"a b","text":"x","client_id":"c8"}"#)
+            .unwrap_err();
+        assert_eq!((e.code(), e.reference()), (ErrorCode::BadRoom, Some("c8")));
+        let e = decode_client(r#"{"type":"send","room":"a","client_id":"c7"}"#).unwrap_err();
+        assert_eq!((e.code(), e.reference()), (ErrorCode::BadFrame, Some("c7")));
         assert!(matches!(
             decode_client(r#"{"type":"fly"}"#),
-            Err(FrameError::BadFrame(_))
+            Err(FrameError::BadFrame { .. })
         ));
         assert!(matches!(
             decode_client(r#"{"type":"send","room":"a","text":"x","client_id":""}"#),
-            Err(FrameError::BadFrame(_))
+            Err(FrameError::BadFrame { .. })
         ));
         assert!(matches!(
             decode_client(r#"{"type":"send","room":"a","text":"a\u0000b","client_id":"c"}"#),
-            Err(FrameError::BadFrame(_))
+            Err(FrameError::BadFrame { .. })
         ));
         assert!(matches!(
             decode_client(r#"{"type":"join","room":"a","since":-1}"#),
-            Err(FrameError::BadFrame(_))
+            Err(FrameError::BadFrame { .. })
         ));
     }
 

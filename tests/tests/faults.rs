@@ -476,3 +476,92 @@ async fn gateway_killed_with_members() -> anyhow::Result<()> {
         (Err(p), Err(d)) => bail!("{d:#}\nand presence after kill -9 of gateway 1: {p:#}"),
     }
 }
+
+/// Messages in the resume scenario: more than the owner's in-memory recent
+/// ring (256), so `since` must be served from the database.
+const DEEP_MESSAGES: u64 = 400;
+
+/// `join` with `since` after the room's owner was killed: the new owner
+/// has only what it loaded from the database, and the gap (everything
+/// after seq 7) is larger than the recent ring, so the backlog comes from
+/// the database. It must be exactly seqs 8..=400, in order, each with the
+/// text sent N-th (one connection's burst is sequenced in the order sent),
+/// and the next send continues at 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_beyond_the_recent_ring_across_an_owner_change() -> anyhow::Result<()> {
+    let mut cluster = builder("resume_beyond_the_recent_ring_across_an_owner_change")
+        .gateways(1)
+        .room_nodes(2)
+        .start()
+        .await?;
+    let room = "deep-resume";
+    let mut a = Client::connect(&cluster.ws_url(0, "alice")).await?;
+    join(&mut a, room).await?;
+    for i in 1..=DEEP_MESSAGES {
+        a.send_json(json!({"type": "send", "room": room, "client_id": format!("d{i}"), "text": format!("deep {i}")}))
+            .await?;
+    }
+    let mut acked = 0;
+    while acked < DEEP_MESSAGES {
+        let f = a
+            .recv_until(WAIT, |f| f["type"] == "ack" || f["type"] == "error")
+            .await?;
+        ensure!(f["type"] == "ack", "send refused: {f}");
+        acked += 1;
+    }
+    a.close().await?;
+    let owner = sqlx::query_scalar::<_, String>("SELECT owner FROM room_leases WHERE room = $1")
+        .bind(room)
+        .fetch_one(&cluster.pool().await?)
+        .await
+        .context("reading the room's lease")?;
+    let victim = (0..cluster.node_count())
+        .find(|&i| cluster.node_id(i) == owner)
+        .with_context(|| format!("lease owner {owner} is not a node of this cluster"))?;
+    cluster.node(victim).kill9().await?;
+    cluster.wait_ring_nodes(1).await?;
+
+    let mut b = Client::connect(&cluster.ws_url(0, "bob")).await?;
+    b.send_json(json!({"type": "join", "room": room, "since": 7}))
+        .await?;
+    let joined = b
+        .recv_until(WAIT, |f| {
+            (f["type"] == "joined" && f["room"] == room) || f["type"] == "error"
+        })
+        .await?;
+    ensure!(joined["type"] == "joined", "join refused: {joined}");
+    ensure!(
+        joined["last_seq"] == DEEP_MESSAGES,
+        "the new owner lost messages: {joined}"
+    );
+    let mut seqs = Vec::new();
+    while seqs.len() < (DEEP_MESSAGES - 7) as usize {
+        let m = b.recv_type(WAIT, "message").await.with_context(|| {
+            format!(
+                "backlog after {} of {} messages",
+                seqs.len(),
+                DEEP_MESSAGES - 7
+            )
+        })?;
+        let seq = m["seq"].as_u64().context("message without seq")?;
+        ensure!(
+            m["text"] == format!("deep {seq}"),
+            "seq {seq} carries the wrong text: {m}"
+        );
+        seqs.push(seq);
+    }
+    let want: Vec<u64> = (8..=DEEP_MESSAGES).collect();
+    ensure!(seqs == want, "backlog out of order or with gaps: {seqs:?}");
+
+    b.send_json(json!({"type": "send", "room": room, "client_id": "after", "text": "after"}))
+        .await?;
+    let ack = b
+        .recv_until(WAIT, |f| f["type"] == "ack" || f["type"] == "error")
+        .await?;
+    ensure!(
+        ack["type"] == "ack" && ack["seq"] == DEEP_MESSAGES + 1,
+        "the next send after the owner change must get seq {}: {ack}",
+        DEEP_MESSAGES + 1
+    );
+    Ok(())
+}

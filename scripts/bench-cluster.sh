@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Runs one chat-load measurement the way docs/BENCHMARKS.md describes:
+# the whole server side (a private Postgres, a private nats-server, one
+# room node, one gateway; release builds) pinned to one core, the load tool
+# pinned to another.
+#
+#   scripts/bench-cluster.sh OUT_DIR SCENARIO [chat-load flags...]
+#
+# Server settings come from the environment: every CHAT_* variable you
+# export (e.g. CHAT_RATE_LIMIT_PER_SEC=0) reaches both servers and is
+# recorded in the results with --server-setting. Also:
+#   SERVER_CPU=0 LOAD_CPU=1   cores for the server side and the tool
+#   PG_FSYNC=on               Postgres fsync (on: every ack is durable)
+#   KEEP=1                    keep the work directory (logs) afterwards
+# Needs: cargo build --release --workspace --bins; nats-server (>= 2.10)
+# at target/tools/venv/bin/nats-server (./scripts/test.sh installs it) or
+# NATS_SERVER; Postgres binaries under /usr/lib/postgresql; root (for
+# runuser, and to raise the file-descriptor limit).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+[ $# -ge 2 ] || { sed -n '2,20p' "$0"; exit 64; }
+OUT=$1
+shift
+
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+PG_FSYNC=${PG_FSYNC:-on}
+NATS_SERVER=${NATS_SERVER:-$ROOT/target/tools/venv/bin/nats-server}
+BIN=$ROOT/target/release
+for b in chat-gateway chat-room-node chat-load; do
+  [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
+done
+[ -x "$NATS_SERVER" ] || { echo "missing $NATS_SERVER (./scripts/test.sh installs it)" >&2; exit 1; }
+PGBIN=$(dirname "$(ls -1 /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n1)")
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Enough descriptors for 100,000+ connections on both sides of loopback.
+ulimit -Hn 1048576 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
+
+WORK=$(mktemp -d /tmp/chat-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  local rc=$?
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  if [ -f "$WORK/pg/postmaster.pid" ]; then
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  if [ "${KEEP:-}" = 1 ]; then echo "[bench] logs kept in $WORK"; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+
+PG_PORT=$(free_port)
+NATS_PORT=$(free_port)
+GW_PORT=$(free_port)
+ADMIN_PORT=$(free_port)
+
+echo "[bench] private Postgres on :$PG_PORT (fsync=$PG_FSYNC), pinned to core $SERVER_CPU"
+mkdir -p "$WORK/pg" && chown postgres:postgres "$WORK/pg" && chmod 700 "$WORK/pg"
+runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -A trust -U postgres --no-sync >"$WORK/initdb.log" 2>&1
+taskset -c "$SERVER_CPU" runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -w -l "$WORK/pg/server.log" \
+  -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c fsync=$PG_FSYNC -c max_connections=200" start >/dev/null
+PG_PID=$(head -n1 "$WORK/pg/postmaster.pid")
+DB=bench_$(date +%s)
+psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE $DB"
+
+echo "[bench] nats-server on :$NATS_PORT"
+taskset -c "$SERVER_CPU" "$NATS_SERVER" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" >"$WORK/nats.log" 2>&1 &
+PIDS+=($!)
+NATS_PID=$!
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+
+export CHAT_NATS_URL=nats://127.0.0.1:$NATS_PORT
+export CHAT_SUBJECT_PREFIX=bench
+SETTINGS=$(env | grep -E '^CHAT_' | grep -vE '^CHAT_(NATS_URL|SUBJECT_PREFIX|JWT_SECRET|API_KEY|DATABASE_URL)=' | sort | paste -sd, - || true)
+
+echo "[bench] room node, admin :$ADMIN_PORT"
+CHAT_NODE_ID=bench-node CHAT_ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT \
+  CHAT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/$DB RUST_LOG=warn \
+  taskset -c "$SERVER_CPU" "$BIN/chat-room-node" >"$WORK/node.log" 2>&1 &
+PIDS+=($!)
+NODE_PID=$!
+echo "[bench] gateway on :$GW_PORT"
+CHAT_LISTEN=127.0.0.1:$GW_PORT CHAT_DEV_AUTH=true RUST_LOG=warn \
+  taskset -c "$SERVER_CPU" "$BIN/chat-gateway" >"$WORK/gateway.log" 2>&1 &
+PIDS+=($!)
+GW_PID=$!
+
+ready() { curl -fsS -o /dev/null "http://127.0.0.1:$1/readyz" 2>/dev/null; }
+for _ in $(seq 300); do ready "$ADMIN_PORT" && ready "$GW_PORT" && break; sleep 0.1; done
+ready "$GW_PORT" || { tail -20 "$WORK/gateway.log" "$WORK/node.log" >&2; exit 1; }
+
+echo "[bench] server pids: gateway $GW_PID, room node $NODE_PID, nats $NATS_PID, postmaster $PG_PID; settings: ${SETTINGS:-defaults}"
+NOTE="server side (gateway, room node, nats-server, Postgres fsync=$PG_FSYNC) on core $SERVER_CPU, chat-load on core $LOAD_CPU; $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+mkdir -p "$OUT"
+set +e
+taskset -c "$LOAD_CPU" "$BIN/chat-load" "$@" \
+  --url "ws://127.0.0.1:$GW_PORT/ws" \
+  --gateway-pid "$GW_PID" --node-pid "$NODE_PID" \
+  --server-pid "$GW_PID,$NODE_PID,$NATS_PID,$PG_PID" \
+  ${SETTINGS:+--server-setting "$SETTINGS"} \
+  --note "$NOTE" --out "$OUT"
+rc=$?
+set -e
+curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/node-metrics.txt" 2>/dev/null || true
+curl -fsS "http://127.0.0.1:$GW_PORT/metrics" >"$OUT/gateway-metrics.txt" 2>/dev/null || true
+exit "$rc"

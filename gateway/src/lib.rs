@@ -220,6 +220,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let server = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            // Small frames (acks, messages) must leave at once: with Nagle's
+            // algorithm a frame written while the previous one is unacked
+            // waits for the client's delayed ACK (up to 200 ms on Linux).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
             axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

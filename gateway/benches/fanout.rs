@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use chat_gateway::conn::{self, ConnTx};
+use chat_gateway::metrics::FrameKind;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// The gateway's default outbound queue (`CHAT_OUTBOUND_QUEUE`).
@@ -65,7 +66,7 @@ fn fanout(c: &mut Criterion) {
                     for _ in 0..iters {
                         let target = written.load(Ordering::Relaxed) + n as u64;
                         for tx in &txs {
-                            black_box(tx.try_deliver(frame.clone(), "message"));
+                            black_box(tx.try_deliver(frame.clone(), FrameKind::Message));
                         }
                         // Every writer has drained the event before the
                         // next one: one event's full fan-out per iteration.

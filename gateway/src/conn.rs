@@ -13,7 +13,7 @@ use futures::{Sink, SinkExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::METRICS;
+use crate::metrics::{FrameKind, METRICS};
 
 /// Frames the writer takes from the queue before one flush.
 const WRITE_BATCH: usize = 64;
@@ -58,10 +58,10 @@ pub fn channel(id: u64, capacity: usize) -> (ConnTx, ConnRx) {
 impl ConnTx {
     /// Queues a frame without waiting. A full queue closes the connection
     /// with 4008 (slow consumer). Returns whether the frame was queued.
-    pub fn try_deliver(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
+    pub fn try_deliver(&self, frame: Utf8Bytes, kind: FrameKind) -> bool {
         match self.frames.try_send(Message::Text(frame)) {
             Ok(()) => {
-                METRICS.frames_out.with_label_values(&[kind]).inc();
+                METRICS.frames_out.of(kind).inc();
                 true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -79,11 +79,11 @@ impl ConnTx {
     /// Queues a frame, waiting for room in the queue (for replies and
     /// backlogs, where the connection's own pace is the right pace).
     /// Returns false when the connection is gone.
-    pub async fn deliver(&self, frame: Utf8Bytes, kind: &'static str) -> bool {
+    pub async fn deliver(&self, frame: Utf8Bytes, kind: FrameKind) -> bool {
         tokio::select! {
             r = self.frames.send(Message::Text(frame)) => {
                 if r.is_ok() {
-                    METRICS.frames_out.with_label_values(&[kind]).inc();
+                    METRICS.frames_out.of(kind).inc();
                 }
                 r.is_ok()
             }
@@ -102,7 +102,7 @@ impl ConnTx {
     pub async fn reply(&self, frame: &ServerFrame) -> bool {
         let bytes = frame.to_bytes();
         match Utf8Bytes::try_from(bytes) {
-            Ok(t) => self.deliver(t, "reply").await,
+            Ok(t) => self.deliver(t, FrameKind::Reply).await,
             Err(_) => false,
         }
     }
@@ -240,8 +240,11 @@ mod tests {
         let (tx, rx) = channel(1, 8);
         let (sink, mut out) = futures::channel::mpsc::unbounded::<Message>();
         let writer = tokio::spawn(rx.run(sink));
-        assert!(tx.try_deliver(Utf8Bytes::from_static("a"), "message"));
-        assert!(tx.deliver(Utf8Bytes::from_static("b"), "reply").await);
+        assert!(tx.try_deliver(Utf8Bytes::from_static("a"), FrameKind::Message));
+        assert!(
+            tx.deliver(Utf8Bytes::from_static("b"), FrameKind::Reply)
+                .await
+        );
         assert_eq!(out.next().await, Some(Message::Text("a".into())));
         assert_eq!(out.next().await, Some(Message::Text("b".into())));
         tx.close(close::RESTART);
@@ -255,9 +258,9 @@ mod tests {
     #[tokio::test]
     async fn full_queue_closes_as_slow_consumer() {
         let (tx, _rx) = channel(1, 2);
-        assert!(tx.try_deliver(Utf8Bytes::from_static("1"), "message"));
-        assert!(tx.try_deliver(Utf8Bytes::from_static("2"), "message"));
-        assert!(!tx.try_deliver(Utf8Bytes::from_static("3"), "message"));
+        assert!(tx.try_deliver(Utf8Bytes::from_static("1"), FrameKind::Message));
+        assert!(tx.try_deliver(Utf8Bytes::from_static("2"), FrameKind::Message));
+        assert!(!tx.try_deliver(Utf8Bytes::from_static("3"), FrameKind::Message));
         assert!(tx.is_closed());
         assert_eq!(tx.close_code(), Some(close::SLOW_CONSUMER));
     }

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::conn::ConnTx;
-use crate::metrics::METRICS;
+use crate::metrics::{FrameKind, METRICS};
 use crate::route::NodeClient;
 
 /// Commands a room task's mailbox holds.
@@ -348,7 +348,7 @@ impl RoomTask {
                     // A user's own connections never hear of their own
                     // arrival (a quick reconnect would otherwise see it).
                     for m in self.members.values().filter(|m| m.live && m.user != user) {
-                        m.conn.try_deliver(frame.clone(), "presence");
+                        m.conn.try_deliver(frame.clone(), FrameKind::Presence);
                     }
                 }
             }
@@ -377,7 +377,7 @@ impl RoomTask {
             for m in self.members.values_mut() {
                 if m.live && m.cursor < d {
                     m.cursor = d;
-                    m.conn.try_deliver(frame.clone(), "message");
+                    m.conn.try_deliver(frame.clone(), FrameKind::Message);
                 }
             }
             self.ring.push_back((d, frame));
@@ -601,7 +601,7 @@ impl RoomTask {
         if m.cursor >= delivered || m.cursor + 1 >= first_in_ring {
             for (seq, frame) in &self.ring {
                 if *seq > m.cursor {
-                    m.conn.try_deliver(frame.clone(), "message");
+                    m.conn.try_deliver(frame.clone(), FrameKind::Message);
                     m.cursor = *seq;
                 }
             }
@@ -738,7 +738,7 @@ async fn joined(
             cursor = seq;
         }
         if let Some(t) = text(f) {
-            if !conn.deliver(t, "message").await {
+            if !conn.deliver(t, FrameKind::Message).await {
                 return;
             }
         }
@@ -785,7 +785,7 @@ async fn page_range(
                     let seq = frame_seq(&f)?;
                     let t = text(f)?;
                     if seq > after {
-                        if !conn.deliver(t, "message").await {
+                        if !conn.deliver(t, FrameKind::Message).await {
                             return None;
                         }
                         after = seq;

@@ -19,8 +19,10 @@ pub struct GatewayMetrics {
     pub disconnects: IntCounterVec,
     /// Client frames received by type.
     pub frames_in: IntCounterVec,
-    /// Frames queued to clients by kind (`message`, `presence`, `reply`).
-    pub frames_out: IntCounterVec,
+    /// Frames queued to clients by kind (`message`, `presence`, `reply`),
+    /// resolved once: the fan-out path counts every delivery, and a label
+    /// lookup per delivery (hash and lock) would cost more than the count.
+    pub frames_out: FramesOut,
     /// Bytes written to clients.
     pub bytes_out: IntCounter,
     /// Connections closed because their outbound queue overflowed.
@@ -45,6 +47,39 @@ pub struct GatewayMetrics {
     pub limited: IntCounterVec,
     /// Server API requests by route and status.
     pub api_requests: IntCounterVec,
+}
+
+/// `chat_gateway_frames_out_total`, one counter per kind.
+#[derive(Debug)]
+pub struct FramesOut {
+    /// Live messages (fan-out and backlogs).
+    pub message: IntCounter,
+    /// Presence events.
+    pub presence: IntCounter,
+    /// Replies to the connection's own requests.
+    pub reply: IntCounter,
+}
+
+impl FramesOut {
+    /// The counter of `kind`.
+    pub fn of(&self, kind: FrameKind) -> &IntCounter {
+        match kind {
+            FrameKind::Message => &self.message,
+            FrameKind::Presence => &self.presence,
+            FrameKind::Reply => &self.reply,
+        }
+    }
+}
+
+/// What a frame queued to a client is, for `chat_gateway_frames_out_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A committed message.
+    Message,
+    /// A presence event.
+    Presence,
+    /// A reply to the connection's own request.
+    Reply,
 }
 
 /// The process-wide instance.
@@ -72,12 +107,19 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
             &["type"]
         )
         .unwrap(),
-        frames_out: register_int_counter_vec!(
-            "chat_gateway_frames_out_total",
-            "Frames queued to clients by kind",
-            &["kind"]
-        )
-        .unwrap(),
+        frames_out: {
+            let v = register_int_counter_vec!(
+                "chat_gateway_frames_out_total",
+                "Frames queued to clients by kind",
+                &["kind"]
+            )
+            .unwrap();
+            FramesOut {
+                message: v.with_label_values(&["message"]),
+                presence: v.with_label_values(&["presence"]),
+                reply: v.with_label_values(&["reply"]),
+            }
+        },
         bytes_out: register_int_counter!(
             "chat_gateway_bytes_out_total",
             "Bytes written to clients"

@@ -20,7 +20,7 @@ use chat_room_node::ratelimit::{RateLimit, TokenBucket};
 
 use crate::auth::{now_secs, Identity};
 use crate::conn::{self, ConnTx};
-use crate::metrics::METRICS;
+use crate::metrics::{FrameKind, METRICS};
 use crate::state::AppState;
 
 /// Sends a connection may have waiting for their ack before the gateway
@@ -523,7 +523,7 @@ impl Session {
                     out.extend_from_slice(br#"],"has_more":"#);
                     out.extend_from_slice(if has_more { b"true}" } else { b"false}" });
                     if let Ok(t) = axum::extract::ws::Utf8Bytes::try_from(bytes::Bytes::from(out)) {
-                        conn.deliver(t, "reply").await;
+                        conn.deliver(t, FrameKind::Reply).await;
                     }
                 }
                 Ok((

@@ -152,6 +152,11 @@ struct Conn {
     /// Sends written since the running phase began (for the rate).
     sent_in_run: u64,
     run_started: Option<Instant>,
+    /// Where in its period this sender's sends fall, in [0, 1): senders
+    /// share one start instant, and without an offset of their own every
+    /// sender's n-th send would be due at the same moment (bursts of one
+    /// message per sender instead of an even rate).
+    send_phase: f64,
     done_sending: bool,
     verified: bool,
     rng: u64,
@@ -175,10 +180,13 @@ pub(crate) async fn run(shared: Arc<Shared>, plan: Plan) {
         answered: 0,
         sent_in_run: 0,
         run_started: None,
+        send_phase: 0.0,
         done_sending: false,
         verified: false,
         rng,
     };
+    // Draw once, so the offset is the sender's own and stays put.
+    c.send_phase = c.random();
     c.life().await;
     Stats::inc(&c.shared.stats.finished, 1);
 }
@@ -438,7 +446,7 @@ impl Conn {
                 .run_started
                 .map(|s| s.elapsed().as_secs_f64())
                 .unwrap_or(0.0);
-            ((self.plan.rate * elapsed) as u64).saturating_sub(self.sent_in_run)
+            ((self.plan.rate * elapsed + self.send_phase) as u64).saturating_sub(self.sent_in_run)
         } else {
             u64::MAX
         };

@@ -34,6 +34,9 @@ pub struct NodeMetrics {
     pub flush_rejected: IntCounter,
     /// Rows committed.
     pub rows_persisted: IntCounter,
+    /// Time from a send reaching its room actor to its commit (the ack
+    /// follows at once): the room node's share of send→ack latency.
+    pub send_ack_seconds: Histogram,
     /// Room batches not written because another node holds the lease.
     pub flush_fenced: IntCounter,
     /// Room leases held by this node.
@@ -107,6 +110,12 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
         rows_persisted: register_int_counter!(
             "chat_room_rows_persisted_total",
             "Messages committed"
+        )
+        .unwrap(),
+        send_ack_seconds: register_histogram!(
+            "chat_room_send_ack_seconds",
+            "Time from a send reaching its room to its commit",
+            vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
         )
         .unwrap(),
         flush_fenced: register_int_counter!(

@@ -145,10 +145,13 @@ pub struct RoomStats {
 struct Pending {
     row: Row,
     replies: Vec<String>,
+    /// When the send reached the room, for `chat_room_send_ack_seconds`.
+    received: Instant,
 }
 
 struct InFlight {
     replies: Vec<Vec<String>>,
+    received: Vec<Instant>,
     done: oneshot::Receiver<(Vec<Row>, Outcome)>,
 }
 
@@ -278,7 +281,12 @@ impl RoomActor {
                 res = async { (&mut self.inflight.as_mut().expect("guarded").done).await }, if self.inflight.is_some() => {
                     let inflight = self.inflight.take().expect("guarded");
                     match res {
-                        Ok((rows, Outcome::Committed { ts_ms })) => self.committed(rows, inflight.replies, ts_ms).await,
+                        Ok((rows, Outcome::Committed { ts_ms })) => {
+                            for t in &inflight.received {
+                                METRICS.send_ack_seconds.observe(t.elapsed().as_secs_f64());
+                            }
+                            self.committed(rows, inflight.replies, ts_ms).await;
+                        }
                         Ok((rows, Outcome::Rejected { reason })) => self.reconcile(rows, inflight.replies, &reason).await,
                         Ok((_, Outcome::Fenced)) => self.on_fenced(inflight.replies).await,
                         Err(_) => {
@@ -612,6 +620,7 @@ impl RoomActor {
         self.buffer.push_back(Pending {
             row,
             replies: reply.into_iter().collect(),
+            received: Instant::now(),
         });
         METRICS.buffered_messages.inc();
     }
@@ -648,9 +657,11 @@ impl RoomActor {
         let (tx, rx) = oneshot::channel();
         let mut rows = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(n);
+        let mut received = Vec::with_capacity(n);
         for p in self.buffer.drain(..n) {
             rows.push(p.row);
             replies.push(p.replies);
+            received.push(p.received);
         }
         let job = FlushJob {
             room: self.room.clone(),
@@ -661,7 +672,11 @@ impl RoomActor {
         match self.deps.writer.submit(job) {
             Ok(()) => {
                 self.stats.batches += 1;
-                self.inflight = Some(InFlight { replies, done: rx });
+                self.inflight = Some(InFlight {
+                    replies,
+                    received,
+                    done: rx,
+                });
                 if self.buffer.is_empty() {
                     self.alarm = None;
                     self.alarm_fired = false;
@@ -675,8 +690,14 @@ impl RoomActor {
             Err(job) => {
                 // The writer's queue is full: put the rows back in order and
                 // try again when the alarm fires.
-                for (row, replies) in job.rows.into_iter().zip(replies).rev() {
-                    self.buffer.push_front(Pending { row, replies });
+                for ((row, replies), received) in
+                    job.rows.into_iter().zip(replies).zip(received).rev()
+                {
+                    self.buffer.push_front(Pending {
+                        row,
+                        replies,
+                        received,
+                    });
                 }
                 self.alarm_fired = false;
                 self.alarm = Some(Instant::now() + cfg.flush_interval);
@@ -748,7 +769,13 @@ impl RoomActor {
         let mut pending: VecDeque<Pending> = rows
             .into_iter()
             .zip(replies)
-            .map(|(row, replies)| Pending { row, replies })
+            // The first try's receipt times are gone with the rejected
+            // batch; these sends are timed from the reconcile on.
+            .map(|(row, replies)| Pending {
+                row,
+                replies,
+                received: Instant::now(),
+            })
             .collect();
         pending.extend(self.buffer.drain(..));
         let mut delay = Duration::from_millis(50);

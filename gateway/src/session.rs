@@ -39,6 +39,13 @@ pub struct Session {
     joins_limit: Option<(RateLimit, TokenBucket)>,
     history_limit: Option<(RateLimit, TokenBucket)>,
     joined: HashSet<RoomId>,
+    /// Rooms whose join is still in flight (registered with the room task
+    /// only when it completes).
+    joining: HashSet<RoomId>,
+    /// Rooms left while their join was in flight: the leave runs when the
+    /// join completes, so it can never overtake the registration and leave
+    /// a member behind that the client believes gone.
+    leaving: HashSet<RoomId>,
     sends: FuturesOrdered<SendFuture>,
     joins: FuturesUnordered<JoinFuture>,
 }
@@ -121,12 +128,14 @@ impl Session {
             joins_limit: bucket(state.config.join_rate),
             history_limit: bucket(state.config.history_rate),
             joined: HashSet::new(),
+            joining: HashSet::new(),
+            leaving: HashSet::new(),
             sends: FuturesOrdered::new(),
             joins: FuturesUnordered::new(),
         };
         let reason = tracing::Instrument::instrument(session.serve(stream), span).await;
         METRICS.disconnects.with_label_values(&[reason]).inc();
-        for room in session.joined.drain() {
+        for room in session.joined.drain().chain(session.leaving.drain()) {
             state.hub.leave(&room, id).await;
         }
         // Give the writer the chance to send its close frame.
@@ -209,10 +218,7 @@ impl Session {
                     self.conn.reply(&frame).await;
                 }
                 Some((room, res)) = self.joins.next(), if !self.joins.is_empty() => {
-                    if let Err(frame) = res {
-                        self.joined.remove(&room);
-                        self.conn.reply(&frame).await;
-                    }
+                    self.on_joined(room, res).await;
                 }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > cfg.ping_timeout {
@@ -303,8 +309,13 @@ impl Session {
             ClientFrame::Join { room, since } => self.on_join(room, since).await,
             ClientFrame::Leave { room } => {
                 if self.joined.remove(&room) {
-                    self.state.hub.leave(&room, self.conn.id).await;
-                    self.conn.reply(&ServerFrame::Left { room }).await;
+                    if self.joining.contains(&room) {
+                        // `left` follows `joined` once the join completes.
+                        self.leaving.insert(room);
+                    } else {
+                        self.state.hub.leave(&room, self.conn.id).await;
+                        self.conn.reply(&ServerFrame::Left { room }).await;
+                    }
                 } else {
                     self.conn
                         .reply(&ServerFrame::error(
@@ -372,9 +383,34 @@ impl Session {
         None
     }
 
+    /// A join finished: a failed one is forgotten and its error sent; one
+    /// whose room was left meanwhile is left now, after its `joined`.
+    async fn on_joined(&mut self, room: RoomId, res: crate::fanout::JoinResult) {
+        self.joining.remove(&room);
+        let left = self.leaving.remove(&room);
+        match res {
+            Ok(_) if left => self.state.hub.leave(&room, self.conn.id).await,
+            Ok(_) => {}
+            Err(frame) => {
+                self.joined.remove(&room);
+                self.conn.reply(&frame).await;
+            }
+        }
+        if left {
+            self.conn.reply(&ServerFrame::Left { room }).await;
+        }
+    }
+
     async fn on_join(&mut self, room: RoomId, since: Option<u64>) {
         if self.joined.contains(&room) {
             let msg = format!("already joined to {room}; leave first to join again");
+            self.conn
+                .reply(&ServerFrame::error(ErrorCode::BadFrame, msg))
+                .await;
+            return;
+        }
+        if self.leaving.contains(&room) {
+            let msg = format!("still leaving {room}; join again after `left`");
             self.conn
                 .reply(&ServerFrame::error(ErrorCode::BadFrame, msg))
                 .await;
@@ -388,7 +424,7 @@ impl Session {
             return;
         }
         let max = self.state.config.max_rooms_per_conn;
-        if self.joined.len() >= max {
+        if self.joined.len() + self.leaving.len() >= max {
             METRICS.limited.with_label_values(&["rooms_per_conn"]).inc();
             let msg = format!("a connection may join at most {max} rooms");
             self.conn
@@ -397,6 +433,7 @@ impl Session {
             return;
         }
         self.joined.insert(room.clone());
+        self.joining.insert(room.clone());
         let hub = self.state.hub.clone();
         let conn = self.conn.clone();
         let user = self.user.clone();

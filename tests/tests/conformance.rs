@@ -315,6 +315,39 @@ async fn conformance(t: &dyn Target) -> anyhow::Result<()> {
         "bob saw no duplicate: {:?}",
         bob.skipped
     );
+
+    // leave right behind join, without waiting: `joined` comes before
+    // `left`, and the connection really leaves the room: a member there
+    // sees its presence `leave` (the leave once overtook the registration
+    // and left a ghost member that never left).
+    let flash: Vec<String> = (0..8).map(|i| format!("conf-flash-{i}")).collect();
+    let mut dan = Client::connect(&t.url(0, "dan")).await?;
+    for r in &flash {
+        join(&mut dan, r, None).await?;
+    }
+    let mut cat = Client::connect(&t.url(0, "cat")).await?;
+    for r in &flash {
+        cat.send_json(json!({"type": "join", "room": r})).await?;
+        cat.send_json(json!({"type": "leave", "room": r})).await?;
+    }
+    for r in &flash {
+        let first = take(&mut cat, |f| {
+            (f["type"] == "joined" || f["type"] == "left") && f["room"] == r.as_str()
+        })
+        .await?;
+        ensure!(first["type"] == "joined", "{r}: {first} came before joined");
+        take(&mut cat, |f| f["type"] == "left" && f["room"] == r.as_str()).await?;
+    }
+    for r in &flash {
+        take(&mut dan, |f| {
+            f["type"] == "presence"
+                && f["room"] == r.as_str()
+                && f["user"] == "cat"
+                && f["state"] == "leave"
+        })
+        .await
+        .with_context(|| format!("{r}: cat left but never left the room"))?;
+    }
     Ok(())
 }
 

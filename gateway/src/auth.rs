@@ -246,6 +246,14 @@ impl Authenticator for Auth {
         }
         if self.dev {
             if let Some(name) = query.get("user") {
+                // The query is percent-decoded lossily: bytes that are not
+                // UTF-8 arrive as U+FFFD, and different garbage would
+                // collapse into one identity.
+                if name.contains(char::REPLACEMENT_CHARACTER) {
+                    return Err(AuthError::Invalid(
+                        "?user= must be percent-encoded UTF-8".into(),
+                    ));
+                }
                 let user = UserId::new(name).map_err(|e| AuthError::Invalid(e.to_string()))?;
                 return Ok(Identity {
                     user,
@@ -394,6 +402,11 @@ mod tests {
         );
         assert!(matches!(
             dev.authenticate(&h, &query("user", "")),
+            Err(AuthError::Invalid(_))
+        ));
+        // What `?user=%ff` decodes to.
+        assert!(matches!(
+            dev.authenticate(&h, &query("user", "\u{fffd}")),
             Err(AuthError::Invalid(_))
         ));
         assert!(dev.verify_token("x").is_err());

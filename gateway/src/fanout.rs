@@ -677,29 +677,7 @@ async fn join_task(
             )
             .await;
         }
-        Ok((
-            ReplyHead::Error {
-                code,
-                message,
-                retry_after_ms,
-            },
-            _,
-        )) => ServerFrame::Error {
-            code,
-            message,
-            reference: None,
-            retry_after_ms,
-        },
-        Ok((other, _)) => {
-            tracing::warn!(%room, reply = ?other, "unexpected reply to join");
-            ServerFrame::error(ErrorCode::Internal, "unexpected reply from the room owner")
-        }
-        Err(e) => ServerFrame::Error {
-            code: e.code(),
-            message: e.to_string(),
-            reference: None,
-            retry_after_ms: Some(1000),
-        },
+        other => crate::route::failure_frame(other, None, "join"),
     };
     // The room task or the session may be gone; then nobody waits.
     let _ = tx.send(Cmd::JoinFailed { conn: id }).await;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use chat_protocol::bus::{decode_reply, NodeRequest, ReplyHead};
 use chat_protocol::placement::Placement;
 use chat_protocol::subjects::Subjects;
-use chat_protocol::ErrorCode;
+use chat_protocol::{ErrorCode, ServerFrame};
 use chat_room_node::bus::{Bus, BusError};
 use tokio::sync::watch;
 
@@ -36,6 +36,42 @@ impl RouteError {
     /// The error frame fields for the client.
     pub fn code(&self) -> ErrorCode {
         ErrorCode::Unavailable
+    }
+}
+
+/// The `error` frame for a request whose reply was not the success its
+/// caller expected: the owner's own error, `internal` for a reply of the
+/// wrong kind (`what` names the request in the log), or `unavailable`
+/// with a retry hint when no owner answered. `reference` becomes `ref`.
+pub fn failure_frame(
+    reply: Result<(ReplyHead, Vec<Bytes>), RouteError>,
+    reference: Option<String>,
+    what: &str,
+) -> ServerFrame {
+    let (code, message, retry_after_ms) = match reply {
+        Ok((
+            ReplyHead::Error {
+                code,
+                message,
+                retry_after_ms,
+            },
+            _,
+        )) => (code, message, retry_after_ms),
+        Ok((other, _)) => {
+            tracing::warn!(reply = ?other, "unexpected reply to {what}");
+            (
+                ErrorCode::Internal,
+                "unexpected reply from the room owner".to_owned(),
+                None,
+            )
+        }
+        Err(e) => (e.code(), e.to_string(), Some(1000)),
+    };
+    ServerFrame::Error {
+        code,
+        message,
+        reference,
+        retry_after_ms,
     }
 }
 

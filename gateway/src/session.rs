@@ -497,33 +497,7 @@ impl Session {
                             seq,
                         }
                     }
-                    Ok((
-                        ReplyHead::Error {
-                            code,
-                            message,
-                            retry_after_ms,
-                        },
-                        _,
-                    )) => ServerFrame::Error {
-                        code,
-                        message,
-                        reference: Some(client_id),
-                        retry_after_ms,
-                    },
-                    Ok((other, _)) => {
-                        tracing::warn!(reply = ?other, "unexpected reply to send");
-                        error(
-                            ErrorCode::Internal,
-                            "unexpected reply from the room owner".into(),
-                            client_id,
-                        )
-                    }
-                    Err(e) => ServerFrame::Error {
-                        code: e.code(),
-                        message: e.to_string(),
-                        reference: Some(client_id),
-                        retry_after_ms: Some(1000),
-                    },
+                    other => crate::route::failure_frame(other, Some(client_id), "send"),
                 }
             })));
     }
@@ -563,37 +537,9 @@ impl Session {
                         conn.deliver(t, FrameKind::Reply).await;
                     }
                 }
-                Ok((
-                    ReplyHead::Error {
-                        code,
-                        message,
-                        retry_after_ms,
-                    },
-                    _,
-                )) => {
-                    conn.reply(&ServerFrame::Error {
-                        code,
-                        message,
-                        reference: None,
-                        retry_after_ms,
-                    })
-                    .await;
-                }
-                Ok(_) => {
-                    conn.reply(&ServerFrame::error(
-                        ErrorCode::Internal,
-                        "unexpected reply from the room owner",
-                    ))
-                    .await;
-                }
-                Err(e) => {
-                    let frame = ServerFrame::Error {
-                        code: e.code(),
-                        message: e.to_string(),
-                        reference: None,
-                        retry_after_ms: Some(1000),
-                    };
-                    conn.reply(&frame).await;
+                other => {
+                    conn.reply(&crate::route::failure_frame(other, None, "history"))
+                        .await;
                 }
             }
         });

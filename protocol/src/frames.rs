@@ -21,6 +21,9 @@ pub const MAX_CLIENT_ID_BYTES: usize = 128;
 pub mod close {
     /// A text frame held invalid UTF-8.
     pub const INVALID_UTF8: u16 = 1007;
+    /// The client broke RFC 6455 (unmasked frame, reserved bits or opcode,
+    /// malformed control frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A frame was larger than the configured limit.
     pub const TOO_BIG: u16 = 1009;
     /// The server failed; reconnect.

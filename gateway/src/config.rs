@@ -87,6 +87,15 @@ pub struct Config {
     /// Largest message text; larger gets `too_large`.
     #[arg(long, env = "CHAT_MAX_MESSAGE_BYTES", default_value_t = 16_384)]
     pub max_message_bytes: usize,
+    /// Smallest frame sent compressed to clients that negotiated
+    /// permessage-deflate (each frame is compressed once for all of them);
+    /// 0 turns compression off and declines every offer.
+    #[arg(long, env = "CHAT_COMPRESS_MIN_BYTES", default_value_t = 1024)]
+    pub compress_min_bytes: usize,
+    /// Seconds a client has to send a whole HTTP request head (the upgrade
+    /// request included); slower connections are closed.
+    #[arg(long, env = "CHAT_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
     /// Most rooms one connection may join.
     #[arg(long, env = "CHAT_MAX_ROOMS_PER_CONN", default_value_t = 100)]
     pub max_rooms_per_conn: usize,
@@ -348,6 +357,8 @@ pub struct SessionLimits {
     pub max_message_bytes: usize,
     /// Most rooms per connection.
     pub max_rooms_per_conn: usize,
+    /// Smallest frame compressed (0: compression off).
+    pub compress_min_bytes: usize,
     /// Outbound queue length.
     pub outbound_queue: usize,
     /// Time between pings.
@@ -366,6 +377,7 @@ impl From<&Config> for SessionLimits {
             max_frame_bytes: c.max_frame_bytes,
             max_message_bytes: c.max_message_bytes,
             max_rooms_per_conn: c.max_rooms_per_conn,
+            compress_min_bytes: c.compress_min_bytes,
             outbound_queue: c.outbound_queue,
             ping_interval: c.ping_interval(),
             ping_timeout: Duration::from_secs(c.ping_timeout_secs),

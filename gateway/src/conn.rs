@@ -6,14 +6,14 @@
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use chat_protocol::frames::close;
 use chat_protocol::ServerFrame;
-use futures::{Sink, SinkExt};
+use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{FrameKind, METRICS};
+use crate::ws::{Outbound, Payload, Writer};
 
 /// Frames the writer takes from the queue before one flush.
 const WRITE_BATCH: usize = 64;
@@ -32,14 +32,14 @@ struct Closer {
 pub struct ConnTx {
     /// The connection's id within this gateway.
     pub id: u64,
-    frames: mpsc::Sender<Message>,
+    frames: mpsc::Sender<Outbound>,
     closer: Arc<Closer>,
 }
 
 /// The receiving side, owned by the writer.
 #[derive(Debug)]
 pub struct ConnRx {
-    frames: mpsc::Receiver<Message>,
+    frames: mpsc::Receiver<Outbound>,
     closer: Arc<Closer>,
 }
 
@@ -60,8 +60,8 @@ pub fn channel(id: u64, capacity: usize) -> (ConnTx, ConnRx) {
 impl ConnTx {
     /// Queues a frame without waiting. A full queue closes the connection
     /// with 4008 (slow consumer). Returns whether the frame was queued.
-    pub fn try_deliver(&self, frame: Utf8Bytes, kind: FrameKind) -> bool {
-        match self.frames.try_send(Message::Text(frame)) {
+    pub fn try_deliver(&self, frame: Payload, kind: FrameKind) -> bool {
+        match self.frames.try_send(Outbound::Text(frame)) {
             Ok(()) => {
                 METRICS.frames_out.of(kind).inc();
                 true
@@ -81,9 +81,9 @@ impl ConnTx {
     /// Queues a frame, waiting for room in the queue (for replies and
     /// backlogs, where the connection's own pace is the right pace).
     /// Returns false when the connection is gone.
-    pub async fn deliver(&self, frame: Utf8Bytes, kind: FrameKind) -> bool {
+    pub async fn deliver(&self, frame: Payload, kind: FrameKind) -> bool {
         tokio::select! {
-            r = self.frames.send(Message::Text(frame)) => {
+            r = self.frames.send(Outbound::Text(frame)) => {
                 if r.is_ok() {
                     METRICS.frames_out.of(kind).inc();
                 }
@@ -97,15 +97,21 @@ impl ConnTx {
     /// already means the peer is not reading).
     pub fn ping(&self) {
         // A full or closed queue makes the ping pointless, not wrong.
-        let _ = self.frames.try_send(Message::Ping(bytes::Bytes::new()));
+        let _ = self.frames.try_send(Outbound::Ping);
+    }
+
+    /// Queues the answer to a client's ping (dropped, like the ping, when
+    /// the queue is full).
+    pub fn pong(&self, payload: bytes::Bytes) {
+        // As for ping: a full queue already closes the connection.
+        let _ = self.frames.try_send(Outbound::Pong(payload));
     }
 
     /// Queues a server frame built by the gateway itself.
     pub async fn reply(&self, frame: &ServerFrame) -> bool {
-        let bytes = frame.to_bytes();
-        match Utf8Bytes::try_from(bytes) {
-            Ok(t) => self.deliver(t, FrameKind::Reply).await,
-            Err(_) => false,
+        match Payload::from_utf8(frame.to_bytes()) {
+            Some(t) => self.deliver(t, FrameKind::Reply).await,
+            None => false,
         }
     }
 
@@ -150,13 +156,13 @@ pub enum WriterEnd {
 }
 
 impl ConnRx {
-    /// Drains the queue into `sink` until a close is requested, every
+    /// Drains the queue into `writer` until a close is requested, every
     /// sender is gone, or the socket fails. Frames still queued when a
     /// close arrives are written first (except for slow consumers, whose
     /// queue is the problem).
-    pub async fn run<S>(mut self, mut sink: S) -> WriterEnd
+    pub async fn run<W>(mut self, mut writer: Writer<W>) -> WriterEnd
     where
-        S: Sink<Message> + Unpin,
+        W: AsyncWrite + Unpin,
     {
         // Small at first: an idle connection never needs more, and a busy
         // one grows it to WRITE_BATCH once and keeps it (3 KiB at 64 slots
@@ -169,16 +175,16 @@ impl ConnRx {
                     if n == 0 {
                         // Every sender is gone; a requested close still goes out.
                         if self.closer.token.is_cancelled() {
-                            return self.send_close(&mut sink, &mut batch).await;
+                            return self.send_close(&mut writer, &mut batch).await;
                         }
                         return WriterEnd::Done;
                     }
-                    if write_batch(&mut sink, &mut batch).await.is_err() {
+                    if write_batch(&mut writer, &mut batch).await.is_err() {
                         return WriterEnd::Failed;
                     }
                 }
                 _ = self.closer.token.cancelled() => {
-                    return self.send_close(&mut sink, &mut batch).await;
+                    return self.send_close(&mut writer, &mut batch).await;
                 }
             }
         }
@@ -186,9 +192,13 @@ impl ConnRx {
 
     /// Writes what is still queued (unless the queue is the problem), then
     /// the close frame with the requested code.
-    async fn send_close<S>(&mut self, sink: &mut S, batch: &mut Vec<Message>) -> WriterEnd
+    async fn send_close<W>(
+        &mut self,
+        writer: &mut Writer<W>,
+        batch: &mut Vec<Outbound>,
+    ) -> WriterEnd
     where
-        S: Sink<Message> + Unpin,
+        W: AsyncWrite + Unpin,
     {
         let code = match self.closer.code.load(Ordering::Acquire) {
             0 => close::INTERNAL,
@@ -198,8 +208,8 @@ impl ConnRx {
             while let Ok(f) = self.frames.try_recv() {
                 batch.push(f);
             }
-            // The peer may be gone; the close is best effort.
-            let _ = write_batch(sink, batch).await;
+        } else {
+            batch.clear();
         }
         let reason = match code {
             close::SLOW_CONSUMER => "slow consumer",
@@ -207,30 +217,26 @@ impl ConnRx {
             close::PING_TIMEOUT => "ping timeout",
             close::TOO_BIG => "frame too big",
             close::INVALID_UTF8 => "invalid UTF-8",
+            close::PROTOCOL_ERROR => "protocol error",
             _ => "closing",
         };
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        };
-        // Best effort, as above.
-        let _ = sink.send(Message::Close(Some(frame))).await;
+        batch.push(Outbound::Close(code, reason));
+        // The peer may be gone; the close is best effort.
+        let _ = write_batch(writer, batch).await;
+        writer.shutdown().await;
         WriterEnd::Closed(code)
     }
 }
 
-async fn write_batch<S>(sink: &mut S, batch: &mut Vec<Message>) -> Result<(), S::Error>
+async fn write_batch<W>(writer: &mut Writer<W>, batch: &mut Vec<Outbound>) -> std::io::Result<()>
 where
-    S: Sink<Message> + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let mut bytes = 0u64;
     for m in batch.drain(..) {
-        if let Message::Text(t) = &m {
-            bytes += t.len() as u64;
-        }
-        sink.feed(m).await?;
+        bytes += writer.push(&m) as u64;
     }
-    sink.flush().await?;
+    writer.flush().await?;
     METRICS.bytes_out.inc_by(bytes);
     Ok(())
 }
@@ -239,23 +245,34 @@ where
 mod tests {
     use super::*;
     use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
 
     #[tokio::test]
     async fn writes_in_order_then_closes_with_code() {
         let (tx, rx) = channel(1, 8);
-        let (sink, mut out) = futures::channel::mpsc::unbounded::<Message>();
-        let writer = tokio::spawn(rx.run(sink));
-        assert!(tx.try_deliver(Utf8Bytes::from_static("a"), FrameKind::Message));
+        let (server, client) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(rx.run(Writer::new(server, None)));
+        // An independent client implementation reads what the writer wrote.
+        let mut out = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        assert!(tx.try_deliver(Payload::from_static("a"), FrameKind::Message));
         assert!(
-            tx.deliver(Utf8Bytes::from_static("b"), FrameKind::Reply)
+            tx.deliver(Payload::from_static("b"), FrameKind::Reply)
                 .await
         );
-        assert_eq!(out.next().await, Some(Message::Text("a".into())));
-        assert_eq!(out.next().await, Some(Message::Text("b".into())));
+        assert_eq!(
+            out.next().await.unwrap().unwrap(),
+            Message::Text("a".into())
+        );
+        assert_eq!(
+            out.next().await.unwrap().unwrap(),
+            Message::Text("b".into())
+        );
         tx.close(close::RESTART);
         assert_eq!(writer.await.unwrap(), WriterEnd::Closed(close::RESTART));
         match out.next().await {
-            Some(Message::Close(Some(f))) => assert_eq!(f.code, close::RESTART),
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), close::RESTART),
             other => panic!("expected close, got {other:?}"),
         }
     }
@@ -263,9 +280,9 @@ mod tests {
     #[tokio::test]
     async fn full_queue_closes_as_slow_consumer() {
         let (tx, _rx) = channel(1, 2);
-        assert!(tx.try_deliver(Utf8Bytes::from_static("1"), FrameKind::Message));
-        assert!(tx.try_deliver(Utf8Bytes::from_static("2"), FrameKind::Message));
-        assert!(!tx.try_deliver(Utf8Bytes::from_static("3"), FrameKind::Message));
+        assert!(tx.try_deliver(Payload::from_static("1"), FrameKind::Message));
+        assert!(tx.try_deliver(Payload::from_static("2"), FrameKind::Message));
+        assert!(!tx.try_deliver(Payload::from_static("3"), FrameKind::Message));
         assert!(tx.is_closed());
         assert_eq!(tx.close_code(), Some(close::SLOW_CONSUMER));
     }

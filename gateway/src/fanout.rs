@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use chat_protocol::bus::{Event, NodeRequest, ReplyHead};
 use chat_protocol::subjects::Subjects;
@@ -29,6 +28,7 @@ use tokio::time::Instant;
 use crate::conn::ConnTx;
 use crate::metrics::{FrameKind, METRICS};
 use crate::route::NodeClient;
+use crate::ws::Payload;
 
 /// Commands a room task's mailbox holds.
 const ROOM_MAILBOX: usize = 1024;
@@ -76,7 +76,7 @@ enum Cmd {
         conn: u64,
     },
     Repaired {
-        frames: Vec<(u64, Utf8Bytes)>,
+        frames: Vec<(u64, Payload)>,
         ok: bool,
     },
     /// Re-register every member with the owner (after a reconnect).
@@ -260,8 +260,8 @@ struct RoomTask {
     /// Last seq delivered to live members; `None` until the first join
     /// tells us where the room stands.
     delivered: Option<u64>,
-    ring: VecDeque<(u64, Utf8Bytes)>,
-    ahead: BTreeMap<u64, Utf8Bytes>,
+    ring: VecDeque<(u64, Payload)>,
+    ahead: BTreeMap<u64, Payload>,
     repairing: bool,
     /// The owner's last seq as a join reported it, when ahead of us, and
     /// when we learned it.
@@ -277,8 +277,8 @@ fn frame_seq(frame: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Seq>(frame).ok().map(|s| s.seq)
 }
 
-fn text(frame: Bytes) -> Option<Utf8Bytes> {
-    Utf8Bytes::try_from(frame).ok()
+fn text(frame: Bytes) -> Option<Payload> {
+    Payload::from_utf8(frame)
 }
 
 impl RoomTask {
@@ -357,7 +357,7 @@ impl RoomTask {
         }
     }
 
-    fn on_message(&mut self, seq: u64, frame: Utf8Bytes) {
+    fn on_message(&mut self, seq: u64, frame: Payload) {
         if self.delivered.is_some_and(|d| seq <= d) {
             return;
         }

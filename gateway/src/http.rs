@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use std::net::SocketAddr;
 
-use axum::extract::ws::{CloseFrame, Message};
-use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -15,20 +14,10 @@ use axum::{Json, Router};
 use crate::metrics::METRICS;
 use crate::session::Session;
 use crate::state::AppState;
+use crate::ws::{Outbound, Writer, WsUpgrade};
 
 /// The demo page and reference client: plain HTML and JS, no build step.
 const INDEX_HTML: &str = include_str!("../static/index.html");
-/// Socket read buffer: small, since client frames are small (a `send` of
-/// 100 bytes is about 150); tungstenite's 128 KiB default would dominate
-/// the memory of an idle connection, and 4 KiB was a quarter of it (heap
-/// profile of 2,000 idle connections). A larger frame grows the buffer of
-/// its own connection only.
-const READ_BUFFER: usize = 1024;
-/// Bytes gathered before a socket write; the writer flushes each batch.
-const WRITE_BUFFER: usize = 8 * 1024;
-/// Most bytes waiting to be written before writes fail.
-const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
-
 /// The router; tests can call it without a network.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
@@ -76,7 +65,7 @@ async fn ws(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: WsUpgrade,
 ) -> Response {
     if state.is_draining() {
         return error(
@@ -101,29 +90,25 @@ async fn ws(
     };
     let ip = state.edge.client_ip(peer, &headers);
     let slot = state.edge.admit(ip);
-    let max = state.config.max_frame_bytes;
     let tracker = state.sessions.clone();
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_frame_size(max)
-        .max_message_size(max)
-        .on_upgrade(move |mut socket| async move {
-            let Some(slot) = slot else {
-                // Over the per-address limit: say so in a close frame the
-                // client can act on, and never start a session.
-                let frame = CloseFrame {
-                    code: chat_protocol::frames::close::TOO_MANY_CONNECTIONS,
-                    reason: "too many connections from this address".into(),
-                };
-                // The peer may already be gone; nothing else to do.
-                let _ = socket.send(Message::Close(Some(frame))).await;
-                return;
-            };
-            tracker
-                .track_future(Session::run(state, identity, socket))
-                .await;
-            drop(slot);
-        })
+    let deflate = state.config.compress_min_bytes > 0;
+    upgrade.on_upgrade(deflate, move |socket, deflate| async move {
+        let Some(slot) = slot else {
+            // Over the per-address limit: say so in a close frame the
+            // client can act on, and never start a session.
+            let mut w = Writer::new(socket, None);
+            w.push(&Outbound::Close(
+                chat_protocol::frames::close::TOO_MANY_CONNECTIONS,
+                "too many connections from this address",
+            ));
+            // The peer may already be gone; nothing else to do.
+            let _ = w.flush().await;
+            w.shutdown().await;
+            return;
+        };
+        tracker
+            .track_future(Session::run(state, identity, socket, deflate))
+            .await;
+        drop(slot);
+    })
 }

@@ -11,7 +11,9 @@
 //! - [`limits`]: per-address connection limits, origins, proxies.
 //! - [`session`]: one connection's frames.
 //! - [`conn`]: a connection's bounded outbound queue and batching writer.
+//! - [`ws`]: the WebSocket protocol itself (RFC 6455, permessage-deflate).
 //! - [`fanout`]: per-room subscriptions, gap repair, backlog merge.
+//! - [`serve`]: the HTTP/1.1 accept loop (header timeout, pending limit).
 //! - [`route`]: requests to room owners with bounded retries.
 //! - [`metrics`], [`state`].
 
@@ -24,8 +26,10 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod route;
+pub mod serve;
 pub mod session;
 pub mod state;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -219,20 +223,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let app = http::app(state.clone());
     let server = {
         let shutdown = shutdown.clone();
+        let state = state.clone();
+        let header_timeout_secs = config.header_timeout_secs;
         tokio::spawn(async move {
-            // Small frames (acks, messages) must leave at once: with Nagle's
-            // algorithm a frame written while the previous one is unacked
-            // waits for the client's delayed ACK (up to 200 ms on Linux).
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY not set");
-                }
-            });
-            axum::serve(
+            serve::serve(
                 listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
+                app,
+                state,
+                Duration::from_secs(header_timeout_secs),
+                shutdown,
             )
-            .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
         })
     };

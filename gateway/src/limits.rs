@@ -12,6 +12,11 @@ use ipnet::IpNet;
 
 use crate::metrics::METRICS;
 
+/// An address has the most connections not yet upgraded: refuse another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many pending connections from this address")]
+pub struct TooManyPending;
+
 /// Edge policy shared by every request.
 #[derive(Debug)]
 pub struct Edge {
@@ -20,6 +25,8 @@ pub struct Edge {
     origins: Option<Vec<String>>,
     api_key: Option<String>,
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// HTTP connections not yet upgraded (or plain HTTP), per peer address.
+    pending: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 /// Holds one connection's place in its address's count; dropping it frees
@@ -58,6 +65,7 @@ impl Edge {
             origins,
             api_key,
             counts: Arc::default(),
+            pending: Arc::default(),
         }
     }
 
@@ -97,6 +105,30 @@ impl Edge {
             ip,
             counts: self.counts.clone(),
         })
+    }
+
+    /// Takes a place for a new TCP connection from `peer` while it is plain
+    /// HTTP (its request head not yet read, or not upgraded): at most
+    /// `CHAT_MAX_CONNS_PER_IP` per address, so one address cannot hold
+    /// every socket with half-sent requests. Trusted proxies are not
+    /// counted (many clients share them; their clients are counted once
+    /// upgraded).
+    pub fn admit_pending(&self, peer: IpAddr) -> Result<Option<ConnSlot>, TooManyPending> {
+        let ip = peer.to_canonical();
+        if self.trusted.iter().any(|n| n.contains(&ip)) {
+            return Ok(None);
+        }
+        let mut counts = self.pending.lock().expect("pending count lock");
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            METRICS.limited.with_label_values(&["pending_per_ip"]).inc();
+            return Err(TooManyPending);
+        }
+        *n += 1;
+        Ok(Some(ConnSlot {
+            ip,
+            counts: self.pending.clone(),
+        }))
     }
 
     /// Whether a request with these headers may open a socket: non-browser

@@ -47,6 +47,13 @@ pub struct GatewayMetrics {
     pub limited: IntCounterVec,
     /// Server API requests by route and status.
     pub api_requests: IntCounterVec,
+    /// Connections that negotiated permessage-deflate.
+    pub deflate_connections: IntCounter,
+    /// Frames compressed (once each, however many members receive them).
+    pub compressions: IntCounter,
+    /// Payload bytes compression kept off the wire, summed over every
+    /// compressed frame written.
+    pub compression_saved: IntCounter,
 }
 
 /// `chat_gateway_frames_out_total`, one counter per kind.
@@ -175,6 +182,21 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
         gap_repairs: register_int_counter!(
             "chat_gateway_gap_repairs_total",
             "Missing seq ranges fetched from owners"
+        )
+        .unwrap(),
+        deflate_connections: register_int_counter!(
+            "chat_gateway_deflate_connections_total",
+            "Connections that negotiated permessage-deflate"
+        )
+        .unwrap(),
+        compressions: register_int_counter!(
+            "chat_gateway_compressed_frames_total",
+            "Frames compressed, once each for all their recipients"
+        )
+        .unwrap(),
+        compression_saved: register_int_counter!(
+            "chat_gateway_compression_saved_bytes_total",
+            "Payload bytes compression kept off the wire"
         )
         .unwrap(),
     }

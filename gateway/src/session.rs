@@ -7,14 +7,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Message;
 use chat_protocol::bus::{NodeRequest, ReplyHead};
 use chat_protocol::frames::{
     close, decode_client, Limits, DEFAULT_BACKLOG, MAX_HISTORY_LIMIT, PROTOCOL_VERSION,
 };
 use chat_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, UserId};
 use futures::stream::{FuturesOrdered, FuturesUnordered};
-use futures::{Future, Sink, Stream, StreamExt};
+use futures::{Future, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use chat_room_node::ratelimit::{RateLimit, TokenBucket};
 
@@ -22,6 +22,7 @@ use crate::auth::{now_secs, Identity};
 use crate::conn::{self, ConnTx};
 use crate::metrics::{FrameKind, METRICS};
 use crate::state::AppState;
+use crate::ws::{Message, Reader, Writer};
 
 /// Sends a connection may have waiting for their ack before the gateway
 /// stops reading from it (back-pressure instead of unbounded buffering).
@@ -50,64 +51,34 @@ pub struct Session {
     joins: FuturesUnordered<JoinFuture>,
 }
 
-/// How a read from the socket went wrong.
-fn read_error_code(e: &axum::Error) -> Option<u16> {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = src {
-        if let Some(t) = err.downcast_ref::<tungstenite::Error>() {
-            return match t {
-                tungstenite::Error::Capacity(_) => Some(close::TOO_BIG),
-                tungstenite::Error::Utf8(_) => Some(close::INVALID_UTF8),
-                _ => None,
-            };
-        }
-        src = err.source();
-    }
-    None
-}
-
 /// Longest a closing connection's writer may take to send what is queued
 /// and the close frame, before the socket is dropped regardless.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 
-/// Longest a connection closed for cause is read from after its close
-/// frame was queued.
+/// Longest a connection closed for cause (1002, 1007, 1009) is still read
+/// from, so its client sees the close frame (see [`crate::ws::Reader::drain`]).
 const LINGER: Duration = Duration::from_secs(2);
-/// Most reads a lingering connection gets, however fast they fail.
-const LINGER_READS: usize = 4096;
-
-/// Reads and discards what a client closed for cause (1009, 1007) still
-/// sends, for a bounded time. Closing a socket with unread bytes makes the
-/// kernel answer with a reset, which can destroy the close frame before the
-/// client reads it; lingering lets the client see why it was closed. The
-/// oversize frame itself is not buffered: these reads fail frame by frame.
-async fn linger<R>(stream: &mut R)
-where
-    R: Stream<Item = Result<Message, axum::Error>> + Unpin,
-{
-    let deadline = tokio::time::Instant::now() + LINGER;
-    for _ in 0..LINGER_READS {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Some(Ok(Message::Close(_))) | None) | Err(_) => return,
-            Ok(Some(_)) => {}
-        }
-    }
-}
 
 impl Session {
     /// Runs the connection until the client leaves, the server drains, or
-    /// the connection is closed for cause. `socket` is any sink/stream of
-    /// WebSocket messages, so tests can drive it with channels.
-    pub async fn run<S>(state: Arc<AppState>, identity: Identity, socket: S)
+    /// the connection is closed for cause. `socket` is the upgraded byte
+    /// stream (any, so tests can use an in-memory pipe); `deflate` says
+    /// whether permessage-deflate was negotiated.
+    pub async fn run<S>(state: Arc<AppState>, identity: Identity, socket: S, deflate: bool)
     where
-        S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Send + 'static,
-        <S as Sink<Message>>::Error: Send,
+        S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let id = state.next_conn_id();
         let user = identity.user.clone();
         let (tx, rx) = conn::channel(id, state.config.outbound_queue);
-        let (sink, stream) = socket.split();
-        let writer = tokio::spawn(rx.run(sink));
+        let (read, write) = tokio::io::split(socket);
+        let compress_min = (deflate && state.config.compress_min_bytes > 0)
+            .then_some(state.config.compress_min_bytes);
+        if deflate {
+            METRICS.deflate_connections.inc();
+        }
+        let writer = tokio::spawn(rx.run(Writer::new(write, compress_min)));
+        let mut reader = Reader::new(read, deflate, state.config.max_frame_bytes);
         METRICS.connections.inc();
         METRICS.connects.inc();
         let span = tracing::info_span!("conn", conn.id = id, user.id = %user);
@@ -133,7 +104,7 @@ impl Session {
             sends: FuturesOrdered::new(),
             joins: FuturesUnordered::new(),
         };
-        let reason = tracing::Instrument::instrument(session.serve(stream), span).await;
+        let reason = tracing::Instrument::instrument(session.serve(&mut reader), span).await;
         METRICS.disconnects.with_label_values(&[reason]).inc();
         for room in session.joined.drain().chain(session.leaving.drain()) {
             state.hub.leave(&room, id).await;
@@ -156,9 +127,9 @@ impl Session {
         METRICS.connections.dec();
     }
 
-    async fn serve<R>(&mut self, mut stream: R) -> &'static str
+    async fn serve<R>(&mut self, stream: &mut Reader<R>) -> &'static str
     where
-        R: Stream<Item = Result<Message, axum::Error>> + Unpin,
+        R: AsyncRead + Unpin,
     {
         let cfg = self.state.config.clone();
         let limits = Limits {
@@ -190,7 +161,7 @@ impl Session {
                     last_seen = Instant::now();
                     match msg {
                         Some(Ok(Message::Text(t))) => {
-                            if let Some(reason) = self.on_text(t.as_str()).await {
+                            if let Some(reason) = self.on_text(&t).await {
                                 return reason;
                             }
                         }
@@ -198,19 +169,23 @@ impl Session {
                             METRICS.frames_in.with_label_values(&["binary"]).inc();
                             self.conn.reply(&ServerFrame::error(ErrorCode::BadFrame, "frames are JSON text, not binary")).await;
                         }
+                        Some(Ok(Message::Ping(payload))) => self.conn.pong(payload),
+                        Some(Ok(Message::Pong)) => {} // liveness only
                         Some(Ok(Message::Close(_))) | None => return "client",
-                        Some(Ok(_)) => {} // ping/pong: liveness only
                         Some(Err(e)) => {
-                            return match read_error_code(&e) {
-                                Some(code) => {
-                                    self.conn.close(code);
-                                    linger(&mut stream).await;
-                                    let limit = if code == close::TOO_BIG { "frame_size" } else { "invalid_utf8" };
-                                    METRICS.limited.with_label_values(&[limit]).inc();
-                                    if code == close::TOO_BIG { "too_big" } else { "invalid_utf8" }
-                                }
-                                None => "error",
+                            let Some(code) = e.close_code() else {
+                                return "error";
                             };
+                            tracing::debug!(error = %e, code, "closing for cause");
+                            self.conn.close(code);
+                            stream.drain(tokio::time::Instant::now() + LINGER).await;
+                            let (limit, reason) = match code {
+                                close::TOO_BIG => ("frame_size", "too_big"),
+                                close::INVALID_UTF8 => ("invalid_utf8", "invalid_utf8"),
+                                _ => ("protocol", "protocol_error"),
+                            };
+                            METRICS.limited.with_label_values(&[limit]).inc();
+                            return reason;
                         }
                     }
                 }
@@ -533,7 +508,7 @@ impl Session {
                     }
                     out.extend_from_slice(br#"],"has_more":"#);
                     out.extend_from_slice(if has_more { b"true}" } else { b"false}" });
-                    if let Ok(t) = axum::extract::ws::Utf8Bytes::try_from(bytes::Bytes::from(out)) {
+                    if let Some(t) = crate::ws::Payload::from_utf8(bytes::Bytes::from(out)) {
                         conn.deliver(t, FrameKind::Reply).await;
                     }
                 }

@@ -1,0 +1,227 @@
+//! permessage-deflate (RFC 7692) without per-connection compressor state.
+//!
+//! The gateway accepts an offer only as `server_no_context_takeover;
+//! client_no_context_takeover`: every message is compressed on its own, in
+//! both directions. That costs some ratio on small messages (none are
+//! compressed below `CHAT_COMPRESS_MIN_BYTES` anyway) and buys two things
+//! that matter more for a chat fan-out:
+//! - a message is compressed **once** and the same bytes go to every member
+//!   that negotiated the extension ([`crate::ws::Payload`] caches them);
+//! - an idle connection holds no zlib state at all. The compressor and the
+//!   inflater are per worker thread, reset before each message.
+//!
+//! Inflating is bounded: output past the frame limit fails the read with
+//! 1009, so a small compressed frame cannot expand into a large allocation.
+
+use std::cell::RefCell;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// The extension's name in `Sec-WebSocket-Extensions`.
+const NAME: &str = "permessage-deflate";
+/// What the gateway answers to an offer it accepts.
+pub const RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// Every compressed message ends with this, removed on the wire (§7.2.1).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
+/// Compression level: fast. Chat JSON compresses about as well at 1 as at
+/// 6 for the sizes this is used for, at a third of the CPU.
+const LEVEL: u32 = 1;
+
+/// Whether any offer in the client's `Sec-WebSocket-Extensions` values is
+/// one the gateway can accept (see the module docs). Offers asking for a
+/// server window under 15 bits are declined: the compressor always uses
+/// 15, and the client then gets plain frames.
+pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
+    offers
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .any(acceptable)
+}
+
+fn acceptable(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if !parts.next().is_some_and(|n| n.eq_ignore_ascii_case(NAME)) {
+        return false;
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for p in parts {
+        let (key, value) = match p.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().trim_matches('"'))),
+            None => (p, None),
+        };
+        if seen.iter().any(|s| s.eq_ignore_ascii_case(key)) {
+            return false; // RFC 7692 §7: a repeated parameter declines the offer.
+        }
+        seen.push(key);
+        let ok = match key.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
+            // The client says it can limit its window; we do not ask it to.
+            "client_max_window_bits" => value.is_none_or(|v| window_bits(v).is_some()),
+            "server_max_window_bits" => value.and_then(window_bits) == Some(15),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn window_bits(v: &str) -> Option<u8> {
+    if v.is_empty() || v.len() > 2 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+thread_local! {
+    static COMPRESS: RefCell<Compress> = RefCell::new(Compress::new(Compression::new(LEVEL), false));
+    static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// Compresses one message, or `None` when that would not make it smaller.
+pub fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESS.with(|c| {
+        let mut c = c.borrow_mut();
+        c.reset();
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        loop {
+            let consumed = c.total_in() as usize;
+            c.compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
+                .ok()?;
+            // Done when every byte went in and the flush did not fill the
+            // output (a full output may hide more of the flush).
+            if c.total_in() as usize == data.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        // A sync flush ends with the empty stored block the wire omits.
+        if out.ends_with(&TAIL) {
+            out.truncate(out.len() - TAIL.len());
+        }
+        (out.len() < data.len()).then_some(out)
+    })
+}
+
+/// Why a compressed message could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    /// It inflates past the limit (close 1009).
+    #[error("message inflates past the frame limit")]
+    TooBig,
+    /// It is not valid DEFLATE data (close 1002).
+    #[error("invalid compressed data")]
+    Corrupt,
+}
+
+/// Inflates one message of at most `max` bytes once inflated.
+pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+    INFLATE.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let mut input = Vec::with_capacity(data.len() + TAIL.len());
+        input.extend_from_slice(data);
+        input.extend_from_slice(&TAIL);
+        let mut out = Vec::with_capacity((data.len() * 3).max(256).min(max.saturating_add(1)));
+        loop {
+            if out.len() == out.capacity() {
+                // Grow, but never past one byte over the limit.
+                let want = (out.capacity() * 2).min(max.saturating_add(1));
+                if want <= out.len() {
+                    return Err(InflateError::TooBig);
+                }
+                out.reserve_exact(want - out.len());
+            }
+            let (in_before, out_before) = (d.total_in() as usize, d.total_out());
+            let status = d
+                .decompress_vec(&input[in_before..], &mut out, FlushDecompress::Sync)
+                .map_err(|_| InflateError::Corrupt)?;
+            let in_now = d.total_in() as usize;
+            if status == Status::StreamEnd {
+                break; // A final block: whatever follows is ignored.
+            }
+            if in_now == input.len() && out.len() < out.capacity() {
+                break;
+            }
+            if in_now == in_before && d.total_out() == out_before && out.len() < out.capacity() {
+                return Err(InflateError::Corrupt); // Stuck with room to spare.
+            }
+        }
+        if out.len() > max {
+            return Err(InflateError::TooBig);
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_offers_browsers_make() {
+        assert!(accepts(["permessage-deflate; client_max_window_bits"]));
+        assert!(accepts(["permessage-deflate"]));
+        assert!(accepts([
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ]));
+        assert!(accepts(["x-webkit-deflate-frame, permessage-deflate"]));
+        assert!(accepts(["permessage-deflate; server_max_window_bits=15"]));
+    }
+
+    #[test]
+    fn declines_offers_it_cannot_honour() {
+        assert!(!accepts([]));
+        assert!(!accepts(["x-webkit-deflate-frame"]));
+        assert!(!accepts(["permessage-deflate; server_max_window_bits=10"]));
+        assert!(!accepts(["permessage-deflate; server_max_window_bits"]));
+        assert!(!accepts(["permessage-deflate; client_max_window_bits=99"]));
+        assert!(!accepts(["permessage-deflate; unknown"]));
+        assert!(!accepts([
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover"
+        ]));
+        // A declined first offer does not stop an acceptable second one.
+        assert!(accepts([
+            "permessage-deflate; server_max_window_bits=9, permessage-deflate"
+        ]));
+    }
+
+    #[test]
+    fn round_trips_and_only_compresses_when_it_helps() {
+        let text =
+            r#"{"type":"message","room":"lobby","text":"hello hello hello hello"}"#.repeat(40);
+        let z = compress(text.as_bytes()).expect("repetitive text compresses");
+        assert!(z.len() < text.len() / 4);
+        assert_eq!(inflate(&z, 1 << 20).unwrap(), text.as_bytes());
+        // Random bytes do not get smaller.
+        let noise: Vec<u8> = (0..512u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        if let Some(z) = compress(&noise) {
+            assert!(z.len() < noise.len());
+            assert_eq!(inflate(&z, 1 << 20).unwrap(), noise);
+        }
+        // Empty input.
+        let z = compress(b"").unwrap_or_default();
+        assert_eq!(inflate(&z, 10).unwrap(), b"");
+    }
+
+    #[test]
+    fn inflate_is_bounded() {
+        // 10 MB of zeros compresses to about 10 KB: a decompression bomb.
+        let bomb = compress(&vec![0u8; 10 << 20]).unwrap();
+        assert!(bomb.len() < 64 << 10);
+        assert_eq!(inflate(&bomb, 64 << 10), Err(InflateError::TooBig));
+        // Exactly at the limit is fine, one byte over is not.
+        let z = compress(&[b'a'; 1000]).unwrap();
+        assert_eq!(inflate(&z, 1000).unwrap().len(), 1000);
+        assert_eq!(inflate(&z, 999), Err(InflateError::TooBig));
+    }
+
+    #[test]
+    fn garbage_is_corrupt_not_a_panic() {
+        assert_eq!(inflate(&[0xFF; 32], 1000), Err(InflateError::Corrupt));
+    }
+}

@@ -104,7 +104,7 @@ impl ConnTx {
     /// the queue is full).
     pub fn pong(&self, payload: bytes::Bytes) {
         // As for ping: a full queue already closes the connection.
-        let _ = self.frames.try_send(Outbound::Pong(payload));
+        let _ = self.frames.try_send(Outbound::Pong(Box::new(payload)));
     }
 
     /// Queues a server frame built by the gateway itself.
@@ -182,6 +182,9 @@ impl ConnRx {
                     if write_batch(&mut writer, &mut batch).await.is_err() {
                         return WriterEnd::Failed;
                     }
+                    if self.frames.is_empty() {
+                        writer.trim();
+                    }
                 }
                 _ = self.closer.token.cancelled() => {
                     return self.send_close(&mut writer, &mut batch).await;
@@ -211,16 +214,7 @@ impl ConnRx {
         } else {
             batch.clear();
         }
-        let reason = match code {
-            close::SLOW_CONSUMER => "slow consumer",
-            close::RESTART => "server restarting; reconnect and resume with since",
-            close::PING_TIMEOUT => "ping timeout",
-            close::TOO_BIG => "frame too big",
-            close::INVALID_UTF8 => "invalid UTF-8",
-            close::PROTOCOL_ERROR => "protocol error",
-            _ => "closing",
-        };
-        batch.push(Outbound::Close(code, reason));
+        batch.push(Outbound::Close(code));
         // The peer may be gone; the close is best effort.
         let _ = write_batch(writer, batch).await;
         writer.shutdown().await;

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use crate::metrics::METRICS;
 use crate::session::Session;
 use crate::state::AppState;
-use crate::ws::{Outbound, Writer, WsUpgrade};
+use crate::ws::{Outbound, Socket, Writer, WsUpgrade};
 
 /// The demo page and reference client: plain HTML and JS, no build step.
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -48,6 +48,23 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
         Json(serde_json::json!({"error": {"code": code, "message": message}})),
     )
         .into_response()
+}
+
+/// Closes a socket over the per-address limit with 4029.
+async fn refuse(socket: Socket) {
+    async fn close<W: tokio::io::AsyncWrite + Unpin>(w: W) {
+        let mut w = Writer::new(w, None);
+        w.push(&Outbound::Close(
+            chat_protocol::frames::close::TOO_MANY_CONNECTIONS,
+        ));
+        // The peer may already be gone; nothing else to do.
+        let _ = w.flush().await;
+        w.shutdown().await;
+    }
+    match socket {
+        Socket::Tcp(tcp, _) => close(tcp).await,
+        Socket::Other(io) => close(io).await,
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -96,14 +113,7 @@ async fn ws(
         let Some(slot) = slot else {
             // Over the per-address limit: say so in a close frame the
             // client can act on, and never start a session.
-            let mut w = Writer::new(socket, None);
-            w.push(&Outbound::Close(
-                chat_protocol::frames::close::TOO_MANY_CONNECTIONS,
-                "too many connections from this address",
-            ));
-            // The peer may already be gone; nothing else to do.
-            let _ = w.flush().await;
-            w.shutdown().await;
+            refuse(socket).await;
             return;
         };
         tracker

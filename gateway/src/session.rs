@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chat_protocol::bus::{NodeRequest, ReplyHead};
 use chat_protocol::frames::{
     close, decode_client, Limits, DEFAULT_BACKLOG, MAX_HISTORY_LIMIT, PROTOCOL_VERSION,
@@ -14,7 +15,7 @@ use chat_protocol::frames::{
 use chat_protocol::{ClientFrame, ErrorCode, RoomId, ServerFrame, UserId};
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{Future, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 
 use chat_room_node::ratelimit::{RateLimit, TokenBucket};
 
@@ -22,7 +23,7 @@ use crate::auth::{now_secs, Identity};
 use crate::conn::{self, ConnTx};
 use crate::metrics::{FrameKind, METRICS};
 use crate::state::AppState;
-use crate::ws::{Message, Reader, Writer};
+use crate::ws::{AnyIo, Message, Reader, Socket, Source, Writer};
 
 /// Sends a connection may have waiting for their ack before the gateway
 /// stops reading from it (back-pressure instead of unbounded buffering).
@@ -61,24 +62,45 @@ const LINGER: Duration = Duration::from_secs(2);
 
 impl Session {
     /// Runs the connection until the client leaves, the server drains, or
-    /// the connection is closed for cause. `socket` is the upgraded byte
-    /// stream (any, so tests can use an in-memory pipe); `deflate` says
-    /// whether permessage-deflate was negotiated.
-    pub async fn run<S>(state: Arc<AppState>, identity: Identity, socket: S, deflate: bool)
-    where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+    /// the connection is closed for cause. `deflate` says whether
+    /// permessage-deflate was negotiated.
+    pub async fn run(state: Arc<AppState>, identity: Identity, socket: Socket, deflate: bool) {
+        match socket {
+            Socket::Tcp(tcp, prefix) => {
+                let (read, write) = tcp.into_split();
+                Self::run_on(state, identity, read, prefix, write, deflate).await;
+            }
+            Socket::Other(io) => {
+                let (read, write) = tokio::io::split(io);
+                Self::run_on(state, identity, AnyIo(read), Bytes::new(), write, deflate).await;
+            }
+        }
+    }
+
+    /// [`Session::run`] on the two halves of a socket (any, so tests can
+    /// use an in-memory pipe); `prefix` is what was read past the
+    /// handshake.
+    pub async fn run_on<R, W>(
+        state: Arc<AppState>,
+        identity: Identity,
+        read: R,
+        prefix: Bytes,
+        write: W,
+        deflate: bool,
+    ) where
+        R: Source,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
         let id = state.next_conn_id();
         let user = identity.user.clone();
         let (tx, rx) = conn::channel(id, state.config.outbound_queue);
-        let (read, write) = tokio::io::split(socket);
         let compress_min = (deflate && state.config.compress_min_bytes > 0)
             .then_some(state.config.compress_min_bytes);
         if deflate {
             METRICS.deflate_connections.inc();
         }
         let writer = tokio::spawn(rx.run(Writer::new(write, compress_min)));
-        let mut reader = Reader::new(read, deflate, state.config.max_frame_bytes);
+        let mut reader = Reader::new(read, prefix, deflate, state.config.max_frame_bytes);
         METRICS.connections.inc();
         METRICS.connects.inc();
         let span = tracing::info_span!("conn", conn.id = id, user.id = %user);
@@ -127,10 +149,7 @@ impl Session {
         METRICS.connections.dec();
     }
 
-    async fn serve<R>(&mut self, stream: &mut Reader<R>) -> &'static str
-    where
-        R: AsyncRead + Unpin,
-    {
+    async fn serve<R: Source>(&mut self, stream: &mut Reader<R>) -> &'static str {
         let cfg = self.state.config.clone();
         let limits = Limits {
             max_frame_bytes: cfg.max_frame_bytes,

@@ -18,27 +18,29 @@
 
 pub mod deflate;
 pub mod frame;
+pub mod source;
 pub mod upgrade;
 
 use std::io;
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use chat_protocol::frames::close;
 use frame::{OpCode, ProtocolError};
 
-pub use upgrade::WsUpgrade;
+pub use source::{AnyIo, Source};
+pub use upgrade::{Socket, WsUpgrade};
 
 /// First read buffer of a connection: client frames are small (a `send` of
 /// 100 bytes is about 150 on the wire). A larger frame grows the buffer of
 /// its own connection, which shrinks back once it is read.
 const READ_BUFFER: usize = 1024;
-/// A read buffer larger than this is dropped once empty.
-const KEEP_READ_BUFFER: usize = 8 * 1024;
 /// A write buffer larger than this is dropped once flushed.
 const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+/// A write buffer larger than this is dropped when the queue runs dry.
+const IDLE_WRITE_BUFFER: usize = 2 * 1024;
 
 /// A text frame ready to send: the JSON, and (made at most once, by the
 /// first writer that wants it) its permessage-deflate form, shared by every
@@ -192,14 +194,15 @@ pub struct Reader<R> {
     want: usize,
 }
 
-impl<R: AsyncRead + Unpin> Reader<R> {
-    /// Reads frames from `io`; `deflate` is whether permessage-deflate was
-    /// negotiated; messages over `max` bytes (wire or inflated) fail with
+impl<R: Source> Reader<R> {
+    /// Reads frames from `io`, after `prefix` (bytes read with the
+    /// handshake); `deflate` is whether permessage-deflate was negotiated;
+    /// messages over `max` bytes (wire or inflated) fail with
     /// [`ReadError::TooBig`].
-    pub fn new(io: R, deflate: bool, max: usize) -> Self {
+    pub fn new(io: R, prefix: Bytes, deflate: bool, max: usize) -> Self {
         Self {
             io,
-            buf: BytesMut::new(),
+            buf: BytesMut::from(&prefix[..]),
             deflate,
             max,
             partial: None,
@@ -215,12 +218,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
             }
-            if self.buf.is_empty() && self.buf.capacity() > KEEP_READ_BUFFER {
+            if self.buf.is_empty() {
+                // Between frames an idle connection holds no buffer: a
+                // socket source allocates only once data is there to read.
                 self.buf = BytesMut::new();
             }
             let need = self.want.saturating_sub(self.buf.len()).max(READ_BUFFER);
-            self.buf.reserve(need);
-            match self.io.read_buf(&mut self.buf).await {
+            match self.io.read_into(&mut self.buf, need).await {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) => return Some(Err(e.into())),
@@ -234,11 +238,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// before the client reads it; draining first lets it see why it was
     /// closed. Nothing is buffered past one read.
     pub async fn drain(&mut self, deadline: tokio::time::Instant) {
-        self.buf = BytesMut::new();
-        let mut scratch = [0u8; 512];
-        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.io.read(&mut scratch)).await {
-            if n == 0 {
-                return;
+        loop {
+            self.buf.clear();
+            match tokio::time::timeout_at(deadline, self.io.read_into(&mut self.buf, 512)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
             }
         }
     }
@@ -337,7 +341,8 @@ fn close_frame(body: &[u8]) -> Result<Option<u16>, ReadError> {
     }
 }
 
-/// A frame for the writer.
+/// A frame for the writer. Kept to 16 bytes: every connection's queue
+/// holds a block of these even when idle (a rare pong's payload is boxed).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
     /// A text frame.
@@ -345,9 +350,25 @@ pub enum Outbound {
     /// A ping with no payload.
     Ping,
     /// The answer to a client's ping.
-    Pong(Bytes),
-    /// The close frame.
-    Close(u16, &'static str),
+    Pong(Box<Bytes>),
+    /// The close frame with this code (and its standard reason).
+    Close(u16),
+}
+
+/// The reason text sent with a close code.
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::SLOW_CONSUMER => "slow consumer",
+        close::RESTART => "server restarting; reconnect and resume with since",
+        close::PING_TIMEOUT => "ping timeout",
+        close::TOO_BIG => "frame too big",
+        close::INVALID_UTF8 => "invalid UTF-8",
+        close::PROTOCOL_ERROR => "protocol error",
+        close::TOKEN_EXPIRED => "token expired",
+        close::TOKEN_INVALID => "token no longer valid",
+        close::TOO_MANY_CONNECTIONS => "too many connections from this address",
+        _ => "closing",
+    }
 }
 
 /// The write half of a client socket. Frames are encoded into one buffer
@@ -390,7 +411,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             },
             Outbound::Ping => (OpCode::Ping, false, &[]),
             Outbound::Pong(b) => (OpCode::Pong, false, &b[..b.len().min(125)]),
-            Outbound::Close(code, reason) => {
+            Outbound::Close(code) => {
+                let reason = close_reason(*code);
                 let mut body = code.to_be_bytes().to_vec();
                 body.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
                 frame::write_header(&mut self.buf, OpCode::Close, false, body.len(), None);
@@ -417,6 +439,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         r
     }
 
+    /// Drops a write buffer grown past [`IDLE_WRITE_BUFFER`] by a burst;
+    /// called when the queue has run dry, so a connection that once got a
+    /// long backlog does not keep its size while idle.
+    pub fn trim(&mut self) {
+        if self.buf.capacity() > IDLE_WRITE_BUFFER {
+            self.buf = Vec::new();
+        }
+    }
+
     /// Shuts the socket's write side down (after the close frame).
     pub async fn shutdown(&mut self) {
         // The peer may be gone; a failed shutdown changes nothing.
@@ -427,6 +458,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     /// A client frame, masked, as a browser would send it.
     fn client_frame(opcode: OpCode, fin: bool, compressed: bool, payload: &[u8]) -> Vec<u8> {
@@ -446,7 +478,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1 << 20);
         a.write_all(&bytes).await.unwrap();
         drop(a);
-        let mut r = Reader::new(b, deflate, max);
+        let mut r = Reader::new(AnyIo(b), Bytes::new(), deflate, max);
         let mut out = Vec::new();
         while let Some(m) = r.next().await {
             let stop = m.is_err();
@@ -568,7 +600,7 @@ mod tests {
         let small = Payload::from_static("{\"type\":\"pong\"}");
         w.push(&Outbound::Text(small.clone()));
         w.push(&Outbound::Text(big.clone()));
-        w.push(&Outbound::Close(1000, "bye"));
+        w.push(&Outbound::Close(1000));
         w.flush().await.unwrap();
         drop(w);
         let mut wire = Vec::new();
@@ -587,11 +619,15 @@ mod tests {
         assert!(len < big.len() / 4);
         let body = &rest[start..start + len];
         assert_eq!(deflate::inflate(body, 1 << 20).unwrap(), big.as_bytes());
-        // Frame 3: close 1000 "bye".
-        assert_eq!(
-            &rest[start + len..],
-            &[0x88, 5, 0x03, 0xE8, b'b', b'y', b'e']
-        );
+        // Frame 3: close 1000 "closing".
+        let close = &rest[start + len..];
+        assert_eq!(&close[..4], &[0x88, 9, 0x03, 0xE8]);
+        assert_eq!(&close[4..], b"closing");
+    }
+
+    #[test]
+    fn an_outbound_frame_is_two_words() {
+        assert_eq!(std::mem::size_of::<Outbound>(), 16);
     }
 
     #[test]

@@ -8,13 +8,32 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::deflate;
 
-/// An upgraded client socket.
-pub type Socket = TokioIo<Upgraded>;
+/// An upgraded client socket: the TCP stream itself when it is one (read
+/// by readiness, split without a lock), with the bytes hyper had already
+/// read past the request; any other upgraded stream as it is.
+#[derive(Debug)]
+pub enum Socket {
+    /// A plain TCP connection and the bytes read past the request head.
+    Tcp(TcpStream, Bytes),
+    /// Anything else hyper upgraded.
+    Other(TokioIo<Upgraded>),
+}
+
+impl Socket {
+    fn from_upgraded(upgraded: Upgraded) -> Self {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => Self::Tcp(parts.io.into_inner(), parts.read_buf),
+            Err(other) => Self::Other(TokioIo::new(other)),
+        }
+    }
+}
 
 /// A valid WebSocket upgrade request, not yet answered.
 #[derive(Debug)]
@@ -123,7 +142,7 @@ impl WsUpgrade {
         let on_upgrade = self.on_upgrade;
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => session(TokioIo::new(upgraded), deflate).await,
+                Ok(upgraded) => session(Socket::from_upgraded(upgraded), deflate).await,
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });

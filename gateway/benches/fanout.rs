@@ -58,10 +58,98 @@ fn wire_len(payload: usize) -> u64 {
     payload as u64 + if payload < 126 { 2 } else { 4 }
 }
 
-/// A `message` frame with a text of `text_bytes` bytes of chat-like prose.
+/// A `message` frame with a text of `text_bytes` bytes of chat-like prose:
+/// words drawn at random (fixed seed) from a small vocabulary, so it
+/// compresses about as well as real text, not as well as a repeated line.
 fn big_frame(text_bytes: usize) -> Payload {
-    let prose = "Release notes: the gateway now compresses large frames once for every member. ";
-    let text: String = prose.chars().cycle().take(text_bytes).collect();
+    const WORDS: &[&str] = &[
+        "the",
+        "gateway",
+        "now",
+        "compresses",
+        "large",
+        "frames",
+        "once",
+        "for",
+        "every",
+        "member",
+        "release",
+        "notes",
+        "launch",
+        "tonight",
+        "room",
+        "shard",
+        "deploy",
+        "rolled",
+        "back",
+        "because",
+        "latency",
+        "went",
+        "up",
+        "after",
+        "we",
+        "merged",
+        "it",
+        "please",
+        "check",
+        "dashboard",
+        "alert",
+        "fired",
+        "at",
+        "nine",
+        "thirty",
+        "metrics",
+        "look",
+        "fine",
+        "again",
+        "who",
+        "owns",
+        "this",
+        "ticket",
+        "I",
+        "think",
+        "Ana",
+        "does",
+        "ok",
+        "thanks",
+        "see",
+        "you",
+        "tomorrow",
+        "standup",
+        "moved",
+        "to",
+        "ten",
+        "docs",
+        "updated",
+        "with",
+        "new",
+        "numbers",
+        "and",
+        "a",
+        "plot",
+        "of",
+        "p99",
+        "under",
+        "load",
+        "😀",
+        "ünïcode",
+        "works",
+        "too",
+        "1234",
+        "5678",
+        "#general",
+        "@here",
+        "https://example.com",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut text = String::with_capacity(text_bytes + 16);
+    while text.len() < text_bytes {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        text.push_str(WORDS[(state % WORDS.len() as u64) as usize]);
+        text.push(if state.is_multiple_of(11) { '.' } else { ' ' });
+    }
     Payload::from_string(format!(
         r#"{{"type":"message","room":"launch","seq":123456,"id":"01939a4e-5c1b-7cc0-8c3e-5a1f4d2e9b10","user":"ann","text":"{text}","ts":1764790000123,"client_id":"c-123456"}}"#
     ))

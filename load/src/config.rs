@@ -94,6 +94,13 @@ pub struct LoadConfig {
     /// Bytes of every message text (a send timestamp plus padding).
     #[arg(long, default_value_t = DEFAULT_MESSAGE_BYTES)]
     pub message_bytes: usize,
+    /// Offer permessage-deflate at connect, to measure what negotiating it
+    /// costs a connection. The tool cannot read compressed frames, so keep
+    /// every frame under the gateway's `CHAT_COMPRESS_MIN_BYTES` (the
+    /// default 1024 is well above a 100-byte message); a compressed frame
+    /// fails the run as an error.
+    #[arg(long)]
+    pub offer_deflate: bool,
     /// Seconds between application pings of each connection.
     #[arg(long, default_value_t = 20)]
     pub ping_secs: u64,

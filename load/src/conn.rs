@@ -18,6 +18,8 @@ use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -291,12 +293,19 @@ impl Conn {
             }
         };
         let url = format!("ws://{addr}{path}?{cred}");
+        let mut req = url.into_client_request()?;
+        if cfg.offer_deflate {
+            req.headers_mut().insert(
+                "sec-websocket-extensions",
+                HeaderValue::from_static("permessage-deflate; client_max_window_bits"),
+            );
+        }
         let ws_cfg = WebSocketConfig::default()
             .read_buffer_size(cfg.read_buffer)
             .write_buffer_size(0)
             .max_write_buffer_size(1 << 20);
         let (mut ws, _) =
-            tokio_tungstenite::client_async_with_config(url, stream, Some(ws_cfg)).await?;
+            tokio_tungstenite::client_async_with_config(req, stream, Some(ws_cfg)).await?;
         match ws.next().await {
             Some(Ok(Message::Text(t))) if t.as_str().contains("\"hello\"") => Ok(ws),
             other => anyhow::bail!("expected hello, got {other:?}"),

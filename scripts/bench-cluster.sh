@@ -46,8 +46,11 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
   local rc=$?
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
+  # Newest first (gateway, room node, NATS), each given time to drain:
+  # stopping NATS under a draining node made it wait out its grace.
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    p=${PIDS[i]}
+    kill "$p" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
   done

@@ -4,7 +4,9 @@
 //! room or other connections.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use chat_protocol::frames::close;
 use chat_protocol::ServerFrame;
@@ -25,6 +27,10 @@ const INITIAL_BATCH: usize = 4;
 struct Closer {
     token: CancellationToken,
     code: AtomicU16,
+    /// The latest ping's payload when the queue was too full for its pong:
+    /// RFC 6455 lets a server skip pongs for older pings, never for the
+    /// most recent one. The writer sends it after its current batch.
+    late_pong: Mutex<Option<Bytes>>,
 }
 
 /// A handle to send frames to one connection. Cheap to clone.
@@ -100,11 +106,18 @@ impl ConnTx {
         let _ = self.frames.try_send(Outbound::Ping);
     }
 
-    /// Queues the answer to a client's ping (dropped, like the ping, when
-    /// the queue is full).
-    pub fn pong(&self, payload: bytes::Bytes) {
-        // As for ping: a full queue already closes the connection.
-        let _ = self.frames.try_send(Outbound::Pong(Box::new(payload)));
+    /// Queues the answer to a client's ping. When the queue is full, the
+    /// pong waits in a one-slot place instead, the latest ping's replacing
+    /// an older one's.
+    pub fn pong(&self, payload: Bytes) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self
+            .frames
+            .try_send(Outbound::Pong(Box::new(payload.clone())))
+        {
+            // A full queue means the writer is busy: it sends this (the
+            // most recent ping's answer) after its batch.
+            *self.closer.late_pong.lock().expect("pong slot") = Some(payload);
+        }
     }
 
     /// Queues a server frame built by the gateway itself.
@@ -181,6 +194,13 @@ impl ConnRx {
                     }
                     if write_batch(&mut writer, &mut batch).await.is_err() {
                         return WriterEnd::Failed;
+                    }
+                    let late = self.closer.late_pong.lock().expect("pong slot").take();
+                    if let Some(p) = late {
+                        batch.push(Outbound::Pong(Box::new(p)));
+                        if write_batch(&mut writer, &mut batch).await.is_err() {
+                            return WriterEnd::Failed;
+                        }
                     }
                     if self.frames.is_empty() {
                         writer.trim();
@@ -269,6 +289,24 @@ mod tests {
             Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), close::RESTART),
             other => panic!("expected close, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_latest_ping_is_answered_even_when_the_queue_was_full() {
+        let (tx, rx) = channel(1, 2);
+        // Fill the queue before the writer runs: the pongs do not fit.
+        assert!(tx.try_deliver(Payload::from_static("1"), FrameKind::Message));
+        assert!(tx.try_deliver(Payload::from_static("2"), FrameKind::Message));
+        tx.pong(Bytes::from_static(b"old"));
+        tx.pong(Bytes::from_static(b"last"));
+        let (server, client) = tokio::io::duplex(1 << 16);
+        let _writer = tokio::spawn(rx.run(Writer::new(server, None)));
+        let mut out = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(out.next().await.unwrap().unwrap());
+        }
+        assert_eq!(got[2], Message::Pong("last".into()));
     }
 
     #[tokio::test]

@@ -460,3 +460,31 @@ async fn half_sent_requests_time_out_and_are_capped_per_address() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_ping_is_answered_after_a_flood() -> anyhow::Result<()> {
+    let c = dev_cluster("the_latest_ping_is_answered_after_a_flood")
+        .start()
+        .await?;
+    let mut r = Raw::connect(c.gateway_addr(0), "ann", None).await?;
+    r.recv_type("hello").await?;
+    // More pings in one write than the outbound queue holds (1024 frames).
+    let mut flood = Vec::new();
+    let key = [1u8, 2, 3, 4];
+    for i in 0..5000u32 {
+        let p = format!("{i:07}");
+        flood.extend_from_slice(&[0x89, 0x80 | p.len() as u8]);
+        flood.extend_from_slice(&key);
+        flood.extend(p.bytes().enumerate().map(|(j, b)| b ^ key[j % 4]));
+    }
+    r.tcp.write_all(&flood).await?;
+    r.send_raw(0x80 | 0x9, true, b"LAST").await?;
+    loop {
+        let f = r.recv().await.context("waiting for the pong of LAST")?;
+        ensure!(f.opcode != CLOSE, "closed: {:?}", close_code(&f));
+        if f.opcode == 0xA && f.payload == b"LAST" {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -7,23 +7,30 @@
 //! that matter more for a chat fan-out:
 //! - a message is compressed **once** and the same bytes go to every member
 //!   that negotiated the extension ([`crate::ws::Payload`] caches them);
-//! - an idle connection holds no zlib state at all. The compressor and the
-//!   inflater are per worker thread, reset before each message.
+//! - an idle connection holds no zlib state at all. The compressor is per
+//!   worker thread, reset before each message; inflating needs no state
+//!   between messages.
 //!
 //! Inflating is bounded: output past the frame limit fails the read with
 //! 1009, so a small compressed frame cannot expand into a large allocation.
 
 use std::cell::RefCell;
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, FlushCompress};
 
 /// The extension's name in `Sec-WebSocket-Extensions`.
 const NAME: &str = "permessage-deflate";
 /// What the gateway answers to an offer it accepts.
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The answer to an offer that asked for `server_max_window_bits=15`
+/// (accepting a parameter means echoing it, RFC 7692 §7.1.2.1).
+pub const RESPONSE_WINDOW_15: &str = "permessage-deflate; server_no_context_takeover; \
+    client_no_context_takeover; server_max_window_bits=15";
 /// Every compressed message ends with this, removed on the wire (§7.2.1).
 const TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
+/// An empty final block: ends the DEFLATE stream after the tail.
+const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 /// Compression level: fast. Chat JSON compresses about as well at 1 as at
 /// 6 for the sizes this is used for, at a third of the CPU.
 const LEVEL: u32 = 1;
@@ -33,10 +40,20 @@ const LEVEL: u32 = 1;
 /// server window under 15 bits are declined: the compressor always uses
 /// 15, and the client then gets plain frames.
 pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
-    offers
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .any(acceptable)
+    response(offers).is_some()
+}
+
+/// The `Sec-WebSocket-Extensions` answer to the first acceptable offer.
+pub fn response<'a>(offers: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
+    offers.into_iter().flat_map(|v| v.split(',')).find_map(|o| {
+        acceptable(o).then(|| {
+            if o.to_ascii_lowercase().contains("server_max_window_bits") {
+                RESPONSE_WINDOW_15
+            } else {
+                RESPONSE
+            }
+        })
+    })
 }
 
 fn acceptable(offer: &str) -> bool {
@@ -77,7 +94,6 @@ fn window_bits(v: &str) -> Option<u8> {
 
 thread_local! {
     static COMPRESS: RefCell<Compress> = RefCell::new(Compress::new(Compression::new(LEVEL), false));
-    static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
 /// Compresses one message, or `None` when that would not make it smaller.
@@ -117,43 +133,30 @@ pub enum InflateError {
 }
 
 /// Inflates one message of at most `max` bytes once inflated.
+///
+/// The whole message is inflated in one call into a non-wrapping output
+/// buffer, so a back-reference to before the message's first byte (a
+/// client that kept its compression context despite
+/// `client_no_context_takeover`) is an error, not zeros; and the stream must
+/// end cleanly, so data cut off inside a block is an error too.
 pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
-    INFLATE.with(|d| {
-        let mut d = d.borrow_mut();
-        d.reset(false);
-        let mut input = Vec::with_capacity(data.len() + TAIL.len());
-        input.extend_from_slice(data);
-        input.extend_from_slice(&TAIL);
-        let mut out = Vec::with_capacity((data.len() * 3).max(256).min(max.saturating_add(1)));
-        loop {
-            if out.len() == out.capacity() {
-                // Grow, but never past one byte over the limit.
-                let want = (out.capacity() * 2).min(max.saturating_add(1));
-                if want <= out.len() {
-                    return Err(InflateError::TooBig);
-                }
-                out.reserve_exact(want - out.len());
-            }
-            let (in_before, out_before) = (d.total_in() as usize, d.total_out());
-            let status = d
-                .decompress_vec(&input[in_before..], &mut out, FlushDecompress::Sync)
-                .map_err(|_| InflateError::Corrupt)?;
-            let in_now = d.total_in() as usize;
-            if status == Status::StreamEnd {
-                break; // A final block: whatever follows is ignored.
-            }
-            if in_now == input.len() && out.len() < out.capacity() {
-                break;
-            }
-            if in_now == in_before && d.total_out() == out_before && out.len() < out.capacity() {
-                return Err(InflateError::Corrupt); // Stuck with room to spare.
-            }
-        }
-        if out.len() > max {
-            return Err(InflateError::TooBig);
-        }
-        Ok(out)
-    })
+    use miniz_oxide::inflate::{decompress_to_vec_with_limit, TINFLStatus};
+    if data.is_empty() {
+        // No DEFLATE data at all: an empty message, as lenient peers send it.
+        return Ok(Vec::new());
+    }
+    // The sync-flush tail the wire omits, then an empty final block (fixed
+    // Huffman, end of block) so a well-formed message ends the stream.
+    let mut input = Vec::with_capacity(data.len() + TAIL.len() + FINAL_BLOCK.len());
+    input.extend_from_slice(data);
+    input.extend_from_slice(&TAIL);
+    input.extend_from_slice(&FINAL_BLOCK);
+    match decompress_to_vec_with_limit(&input, max.saturating_add(1)) {
+        Ok(out) if out.len() > max => Err(InflateError::TooBig),
+        Ok(out) => Ok(out),
+        Err(e) if e.status == TINFLStatus::HasMoreOutput => Err(InflateError::TooBig),
+        Err(_) => Err(InflateError::Corrupt),
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +172,19 @@ mod tests {
         ]));
         assert!(accepts(["x-webkit-deflate-frame, permessage-deflate"]));
         assert!(accepts(["permessage-deflate; server_max_window_bits=15"]));
+    }
+
+    #[test]
+    fn an_accepted_window_parameter_is_echoed() {
+        assert_eq!(response(["permessage-deflate"]), Some(RESPONSE));
+        assert_eq!(
+            response(["permessage-deflate; server_max_window_bits=\"15\""]),
+            Some(RESPONSE_WINDOW_15)
+        );
+        assert_eq!(
+            response(["permessage-deflate; server_max_window_bits=9"]),
+            None
+        );
     }
 
     #[test]
@@ -223,5 +239,52 @@ mod tests {
     #[test]
     fn garbage_is_corrupt_not_a_panic() {
         assert_eq!(inflate(&[0xFF; 32], 1000), Err(InflateError::Corrupt));
+    }
+
+    #[test]
+    fn a_reference_to_before_the_message_is_corrupt() {
+        // Fixed-Huffman block: literal 'a', then a match of length 3 at
+        // distance 2 (one byte before the message began), then end.
+        // Bits, LSB first: BFINAL=0 BTYPE=01; 'a' = 0x61+0x30 (8 bits);
+        // length 3 = code 257 (7 bits 0000001); distance 2 = code 1 (5 bits
+        // 00001); end of block = 256 (7 bits 0000000).
+        let block = |distance_code: u32| {
+            let mut bits: Vec<u8> = vec![0, 1, 0];
+            let push = |bits: &mut Vec<u8>, v: u32, n: u32| {
+                for i in (0..n).rev() {
+                    bits.push(((v >> i) & 1) as u8); // Huffman codes: MSB first
+                }
+            };
+            push(&mut bits, 0x61 + 0x30, 8);
+            push(&mut bits, 1, 7);
+            push(&mut bits, distance_code, 5);
+            push(&mut bits, 0, 7);
+            // The sync flush: an empty stored block's header, then padding
+            // (its LEN/NLEN are the 4 bytes the wire omits).
+            bits.extend([0, 0, 0]);
+            let mut bytes = vec![0u8; bits.len().div_ceil(8)];
+            for (i, b) in bits.iter().enumerate() {
+                bytes[i / 8] |= b << (i % 8);
+            }
+            bytes
+        };
+        // Distance 1 (code 0) is valid: "a" then "aaa".
+        assert_eq!(inflate(&block(0), 1000).unwrap(), b"aaaa");
+        // Distance 2 (code 1) reaches before the message.
+        assert_eq!(inflate(&block(1), 1000), Err(InflateError::Corrupt));
+    }
+
+    #[test]
+    fn data_cut_inside_a_block_is_corrupt() {
+        // A stored block announcing 16 bytes that carries 2.
+        assert_eq!(
+            inflate(&[0x00, 0x10, 0x00, 0xEF, 0xFF, b'h', b'i'], 1000),
+            Err(InflateError::Corrupt)
+        );
+        // A message that ends with its own final block is fine.
+        let mut z = compress(&[b'q'; 300]).unwrap();
+        z.extend_from_slice(&TAIL);
+        z.extend_from_slice(&FINAL_BLOCK);
+        assert_eq!(inflate(&z, 1000).unwrap(), vec![b'q'; 300]);
     }
 }

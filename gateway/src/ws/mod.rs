@@ -329,7 +329,9 @@ fn close_frame(body: &[u8]) -> Result<Option<u16>, ReadError> {
         [_] => Err(ReadError::Protocol("close frame of one byte")),
         [a, b, reason @ ..] => {
             let code = u16::from_be_bytes([*a, *b]);
-            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            // 1012-1014 are registered with IANA (restart, try again
+            // later, bad gateway) and sent by real proxies.
+            let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !valid {
                 return Err(ReadError::Protocol("invalid close code"));
             }
@@ -515,6 +517,12 @@ mod tests {
                 Ok(Message::Close(Some(1000))),
             ]
         );
+        // Registered codes a proxy may send.
+        for code in [1012u16, 1013, 1014, 3000, 4999] {
+            let frame = client_frame(OpCode::Close, true, false, &code.to_be_bytes());
+            let got = read_all(frame, false, 64).await;
+            assert_eq!(got, vec![Ok(Message::Close(Some(code)))]);
+        }
     }
 
     #[tokio::test]
@@ -564,6 +572,7 @@ mod tests {
             },
             client_frame(OpCode::Close, true, false, &[3]),
             client_frame(OpCode::Close, true, false, &1005u16.to_be_bytes()),
+            client_frame(OpCode::Close, true, false, &1015u16.to_be_bytes()),
             client_frame(OpCode::Text, true, true, b"x"), // RSV1 without deflate
         ] {
             assert_eq!(

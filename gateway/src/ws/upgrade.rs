@@ -39,7 +39,8 @@ impl Socket {
 #[derive(Debug)]
 pub struct WsUpgrade {
     key: HeaderValue,
-    offers_deflate: bool,
+    /// The answer to the client's permessage-deflate offer, if acceptable.
+    deflate: Option<&'static str>,
     on_upgrade: OnUpgrade,
 }
 
@@ -58,6 +59,12 @@ pub enum UpgradeError {
     /// The connection cannot be upgraded (not HTTP/1.1).
     #[error("this connection cannot be upgraded")]
     NotUpgradable,
+    /// A handshake header given twice, or no `Host`.
+    #[error("duplicate WebSocket handshake header, or no Host")]
+    BadHeaders,
+    /// Not a GET.
+    #[error("a WebSocket upgrade is a GET request")]
+    Method,
 }
 
 impl IntoResponse for UpgradeError {
@@ -67,8 +74,10 @@ impl IntoResponse for UpgradeError {
             "bad_request",
             &self.to_string(),
         );
-        if self == Self::Key {
-            *r.status_mut() = StatusCode::BAD_REQUEST;
+        match self {
+            Self::Key | Self::BadHeaders => *r.status_mut() = StatusCode::BAD_REQUEST,
+            Self::Method => *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED,
+            _ => {}
         }
         let h = r.headers_mut();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -89,26 +98,50 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Whether `k` is 16 bytes in base64 (RFC 6455 §4.2.1): 22 characters of
+/// the alphabet, the last carrying no stray bits, then `==`.
+fn is_key(k: &[u8]) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let [body @ .., b'=', b'='] = k else {
+        return false;
+    };
+    body.len() == 22
+        && body.iter().all(|c| ALPHABET.contains(c))
+        && ALPHABET
+            .iter()
+            .position(|c| *c == body[21])
+            .is_some_and(|v| v & 0x0F == 0)
+}
+
 impl WsUpgrade {
     /// Checks a request's headers (and takes its upgrade handle from
     /// `extensions`, when it has one).
     pub fn from_parts(parts: &mut Parts) -> Result<Self, UpgradeError> {
+        if parts.method != axum::http::Method::GET {
+            return Err(UpgradeError::Method);
+        }
         let h = &parts.headers;
         if !has_token(h, header::CONNECTION, "upgrade")
             || !has_token(h, header::UPGRADE, "websocket")
         {
             return Err(UpgradeError::NotUpgrade);
         }
+        let once = |name| h.get_all(name).iter().count() <= 1;
+        if !once(header::SEC_WEBSOCKET_KEY)
+            || !once(header::SEC_WEBSOCKET_VERSION)
+            || !h.contains_key(header::HOST)
+        {
+            return Err(UpgradeError::BadHeaders);
+        }
         if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
             return Err(UpgradeError::Version);
         }
-        // The key is 16 random bytes in base64: 24 characters.
         let key = h
             .get(header::SEC_WEBSOCKET_KEY)
-            .filter(|k| k.len() == 24)
+            .filter(|k| is_key(k.as_bytes()))
             .cloned()
             .ok_or(UpgradeError::Key)?;
-        let offers_deflate = deflate::accepts(
+        let deflate = deflate::response(
             h.get_all(header::SEC_WEBSOCKET_EXTENSIONS)
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
@@ -119,14 +152,14 @@ impl WsUpgrade {
             .ok_or(UpgradeError::NotUpgradable)?;
         Ok(Self {
             key,
-            offers_deflate,
+            deflate,
             on_upgrade,
         })
     }
 
     /// Whether the client offered permessage-deflate in a form we accept.
     pub fn offers_deflate(&self) -> bool {
-        self.offers_deflate
+        self.deflate.is_some()
     }
 
     /// Answers 101 and runs `session` on the upgraded socket. `deflate`
@@ -137,7 +170,8 @@ impl WsUpgrade {
         F: FnOnce(Socket, bool) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let deflate = deflate && self.offers_deflate;
+        let answer = self.deflate.filter(|_| deflate);
+        let deflate = answer.is_some();
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         let on_upgrade = self.on_upgrade;
         tokio::spawn(async move {
@@ -153,10 +187,10 @@ impl WsUpgrade {
         if let Ok(v) = HeaderValue::from_str(&accept) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
-        if deflate {
+        if let Some(a) = answer {
             h.insert(
                 header::SEC_WEBSOCKET_EXTENSIONS,
-                HeaderValue::from_static(deflate::RESPONSE),
+                HeaderValue::from_static(a),
             );
         }
         r
@@ -184,7 +218,8 @@ mod tests {
         b.body(()).unwrap().into_parts().0
     }
 
-    const GOOD: [(&str, &str); 4] = [
+    const GOOD: [(&str, &str); 5] = [
+        ("host", "chat.example.com"),
         ("connection", "keep-alive, Upgrade"),
         ("upgrade", "websocket"),
         ("sec-websocket-version", "13"),
@@ -198,16 +233,44 @@ mod tests {
             UpgradeError::NotUpgrade
         );
         let mut v12 = GOOD;
-        v12[2].1 = "12";
+        v12[3].1 = "12";
         assert_eq!(
             WsUpgrade::from_parts(&mut parts(&v12)).unwrap_err(),
             UpgradeError::Version
         );
-        let mut nokey = GOOD;
-        nokey[3].1 = "short";
+        for bad in [
+            "short",
+            "!!!!!!!!!!!!!!!!!!!!!!!!",
+            "AAAAAAAAAAAAAAAAAAAAAAAA",
+            "dGhlIHNhbXBsZSBub25jZR==",
+        ] {
+            let mut nokey = GOOD;
+            nokey[4].1 = bad;
+            assert_eq!(
+                WsUpgrade::from_parts(&mut parts(&nokey)).unwrap_err(),
+                UpgradeError::Key,
+                "{bad}"
+            );
+        }
+        let mut twice = GOOD.to_vec();
+        twice.push(("sec-websocket-key", "AAAAAAAAAAAAAAAAAAAAAA=="));
         assert_eq!(
-            WsUpgrade::from_parts(&mut parts(&nokey)).unwrap_err(),
-            UpgradeError::Key
+            WsUpgrade::from_parts(&mut parts(&twice)).unwrap_err(),
+            UpgradeError::BadHeaders
+        );
+        let no_host = &GOOD[1..];
+        assert_eq!(
+            WsUpgrade::from_parts(&mut parts(no_host)).unwrap_err(),
+            UpgradeError::BadHeaders
+        );
+        let mut head = Request::head("/ws");
+        for (k, v) in GOOD {
+            head = head.header(k, v);
+        }
+        let mut head = head.body(()).unwrap().into_parts().0;
+        assert_eq!(
+            WsUpgrade::from_parts(&mut head).unwrap_err(),
+            UpgradeError::Method
         );
         // Headers fine, but no upgradable connection under it.
         assert_eq!(

@@ -176,6 +176,18 @@ fn connections_with(
     (txs, written)
 }
 
+/// Queues `frame` to every connection and waits until the writers have
+/// written `bytes` more: one event's full fan-out.
+async fn fan_out_once(txs: &[ConnTx], written: &AtomicU64, frame: &Payload, bytes: u64) {
+    let target = written.load(Ordering::Relaxed) + bytes;
+    for tx in txs {
+        black_box(tx.try_deliver(frame.clone(), FrameKind::Message));
+    }
+    while written.load(Ordering::Relaxed) < target {
+        tokio::task::yield_now().await;
+    }
+}
+
 fn fanout(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -193,16 +205,8 @@ fn fanout(c: &mut Criterion) {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        let target =
-                            written.load(Ordering::Relaxed) + n as u64 * wire_len(frame.len());
-                        for tx in &txs {
-                            black_box(tx.try_deliver(frame.clone(), FrameKind::Message));
-                        }
-                        // Every writer has drained the event before the
-                        // next one: one event's full fan-out per iteration.
-                        while written.load(Ordering::Relaxed) < target {
-                            tokio::task::yield_now().await;
-                        }
+                        let wire = n as u64 * wire_len(frame.len());
+                        fan_out_once(&txs, &written, &frame, wire).await;
                     }
                     start.elapsed()
                 })
@@ -245,14 +249,7 @@ fn fanout_compressed(c: &mut Criterion) {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        let frame = big_frame(4096);
-                        let target = written.load(Ordering::Relaxed) + n as u64 * wire;
-                        for tx in &txs {
-                            black_box(tx.try_deliver(frame.clone(), FrameKind::Message));
-                        }
-                        while written.load(Ordering::Relaxed) < target {
-                            tokio::task::yield_now().await;
-                        }
+                        fan_out_once(&txs, &written, &big_frame(4096), n as u64 * wire).await;
                     }
                     start.elapsed()
                 })

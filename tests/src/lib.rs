@@ -1420,16 +1420,19 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<HttpRespon
     http_request(addr, "GET", path, &[], None).await
 }
 
-/// The value of an unlabelled metric in a Prometheus text exposition.
-fn metric_value(body: &str, name: &str) -> Option<f64> {
+/// The value of `name` (with its labels, e.g. `x{limit="origin"}`) in a
+/// Prometheus text exposition.
+pub fn metric_value(body: &str, name: &str) -> Option<f64> {
     body.lines().find_map(|l| {
-        let mut parts = l.split_whitespace();
-        if parts.next()? == name {
-            parts.next()?.parse().ok()
-        } else {
-            None
-        }
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name).then(|| v.parse().ok()).flatten()
     })
+}
+
+/// Like [`metric_value`], 0 when the metric is absent (counters not yet
+/// incremented are not exported).
+pub fn metric(body: &str, name: &str) -> f64 {
+    metric_value(body, name).unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _};
-use chat_tests::{http_request, wait_for, Client, HttpResponse, TestCluster, TestClusterBuilder};
+use chat_tests::{
+    http_request, metric, wait_for, Client, HttpResponse, TestCluster, TestClusterBuilder,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -228,17 +230,6 @@ async fn next_error(c: &mut Client) -> anyhow::Result<Value> {
 async fn barrier(c: &mut Client) -> anyhow::Result<()> {
     c.send_json(json!({"type": "ping"})).await?;
     c.recv_type(WAIT, "pong").await.map(drop)
-}
-
-/// Value of `name` (with its labels, e.g. `x{limit="origin"}`) in a
-/// Prometheus text exposition; 0 when absent.
-fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
 }
 
 async fn gateway_metric(c: &TestCluster, name: &str) -> anyhow::Result<f64> {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use chat_tests::{wait_for, Client, TestCluster, TestClusterBuilder};
+use chat_tests::{metric, wait_for, Client, TestCluster, TestClusterBuilder};
 use flate2::write::DeflateEncoder;
 use flate2::Compression;
 use serde_json::Value;
@@ -236,15 +236,6 @@ fn parse_server(b: &[u8]) -> anyhow::Result<Option<(Frame, usize)>> {
         },
         at + len,
     )))
-}
-
-fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
 }
 
 async fn join(c: &mut Raw, room: &str) -> anyhow::Result<()> {

@@ -92,6 +92,22 @@ impl MemoryBus {
     }
 }
 
+/// Removes a request's reply inbox when dropped.
+struct InboxGuard<'a> {
+    bus: &'a MemoryBus,
+    subject: String,
+}
+
+impl Drop for InboxGuard<'_> {
+    fn drop(&mut self) {
+        // A poisoned lock means another thread panicked holding it; the
+        // entry then leaks, which is the least of the process's problems.
+        if let Ok(mut inner) = self.bus.inner.lock() {
+            inner.subs.remove(&self.subject);
+        }
+    }
+}
+
 /// Minimal stream adapter over a tokio receiver.
 mod tokio_stream_shim {
     use std::pin::Pin;
@@ -133,6 +149,13 @@ impl Bus for MemoryBus {
         }
         let inbox = format!("_INBOX.{}", self.next_inbox.fetch_add(1, Ordering::Relaxed));
         let mut rx = self.add_sub(inbox.clone(), 1);
+        // The inbox is removed however the request ends (answer, timeout,
+        // no responders, or the caller dropping this future): left behind,
+        // every request leaked its subscription for the life of the process.
+        let _inbox = InboxGuard {
+            bus: self,
+            subject: inbox.clone(),
+        };
         if self.deliver(
             &subject,
             BusMessage {
@@ -252,6 +275,34 @@ mod tests {
             )
             .await;
         assert_eq!(r.unwrap(), Bytes::from_static(b"pong"));
+    }
+
+    #[tokio::test]
+    async fn requests_leave_no_subscription_behind() {
+        let bus = MemoryBus::new();
+        let mut sub = bus.subscribe("echo".into()).await.unwrap();
+        let b2 = bus.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(m) = sub.next().await {
+                n += 1;
+                // Every third request goes unanswered and times out.
+                if n % 3 != 0 {
+                    b2.publish(m.reply.unwrap(), m.payload).await.unwrap();
+                }
+            }
+        });
+        for _ in 0..30 {
+            let _ = bus
+                .request(
+                    "echo".into(),
+                    Bytes::from_static(b"x"),
+                    Duration::from_millis(50),
+                )
+                .await;
+        }
+        let subjects: Vec<String> = bus.inner.lock().unwrap().subs.keys().cloned().collect();
+        assert_eq!(subjects, vec!["echo".to_string()]);
     }
 
     #[tokio::test]

@@ -255,8 +255,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     }
     // Our members have left their rooms one by one; now leave for good.
     bg.cancel();
-    // The heartbeat task deletes our entry on its way out.
-    let _ = heartbeat.await;
+    // The heartbeat task deletes our entry on its way out (bounded: with
+    // NATS unreachable it would wait forever).
+    if tokio::time::timeout(node::FAREWELL, heartbeat)
+        .await
+        .is_err()
+    {
+        tracing::warn!("bus unreachable at shutdown: leaving without a goodbye");
+    }
     node_shutdown.cancel();
     let mut result = Ok(());
     if let Some(task) = embedded {
@@ -266,7 +272,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             Err(e) => result = Err(Error::Node(e.to_string())),
         }
     }
-    bus.drain().await;
+    if tokio::time::timeout(node::FAREWELL, bus.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("bus unreachable at shutdown: pending publishes dropped");
+    }
     tracing::info!("gateway stopped");
     result
 }

@@ -219,13 +219,28 @@ pub async fn serve(
         );
     }
     bg.cancel();
-    // The heartbeat task deletes our entry on its way out; renewals just stop.
-    let _ = hb.await;
-    let _ = renewals.await;
-    bus.drain().await;
+    // The heartbeat task deletes our entry on its way out; renewals just
+    // stop. With NATS unreachable these would wait for it forever.
+    let farewell = async {
+        let _ = hb.await;
+        let _ = renewals.await;
+        bus.drain().await;
+    };
+    if tokio::time::timeout(FAREWELL, farewell).await.is_err() {
+        tracing::warn!(
+            secs = FAREWELL.as_secs(),
+            "bus unreachable at shutdown: leaving without a goodbye (peers notice by the TTL)"
+        );
+    }
     tracing::info!("room node stopped");
     Ok(())
 }
+
+/// Longest the goodbye after a drain may take (deleting our heartbeat
+/// entry, flushing the bus client): past it the process exits anyway, and
+/// peers drop it from the ring when its heartbeat expires. Without a bound
+/// a node stopped while NATS was down never exited.
+pub const FAREWELL: Duration = Duration::from_secs(5);
 
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(

@@ -114,3 +114,26 @@ async fn a_drained_node_flushes_and_leaves_the_ring_at_once() -> anyhow::Result<
     ensure!(seqs.iter().all(|s| *s == 2), "seqs after drain: {seqs:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_stopped_while_nats_is_down_still_exit() -> anyhow::Result<()> {
+    // Grace 2 s: each process must be gone within grace + the 5 s
+    // farewell bound, not wait for NATS to come back.
+    let mut cluster = TestCluster::builder("processes_stopped_while_nats_is_down_still_exit")
+        .room_nodes(1)
+        .env("CHAT_SHUTDOWN_GRACE_SECS", "2")
+        .start()
+        .await?;
+    let mut c = Client::connect(&cluster.ws_url(0, "ann")).await?;
+    c.send_json(json!({"type": "join", "room": "down"})).await?;
+    c.recv_until(WAIT, |f| f["type"] == "joined").await?;
+    cluster.nats().stop().await?;
+    let t = Instant::now();
+    cluster.gateway(0).term()?;
+    cluster.node(0).term()?;
+    let bound = Duration::from_secs(2 + 5 + 3);
+    cluster.gateway(0).wait_exit(bound).await?;
+    cluster.node(0).wait_exit(bound).await?;
+    println!("stopped with NATS down: both exited in {:.2?}", t.elapsed());
+    Ok(())
+}

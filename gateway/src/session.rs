@@ -196,14 +196,15 @@ impl Session {
                                 return "error";
                             };
                             tracing::debug!(error = %e, code, "closing for cause");
-                            self.conn.close(code);
-                            stream.drain(tokio::time::Instant::now() + LINGER).await;
                             let (limit, reason) = match code {
                                 close::TOO_BIG => ("frame_size", "too_big"),
                                 close::INVALID_UTF8 => ("invalid_utf8", "invalid_utf8"),
                                 _ => ("protocol", "protocol_error"),
                             };
+                            // Counted when decided, before the linger.
                             METRICS.limited.with_label_values(&[limit]).inc();
+                            self.conn.close(code);
+                            stream.drain(tokio::time::Instant::now() + LINGER).await;
                             return reason;
                         }
                     }

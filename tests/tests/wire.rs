@@ -380,8 +380,11 @@ async fn protocol_violations_close_1002() -> anyhow::Result<()> {
         let code = r.expect_close().await.with_context(|| what.to_string())?;
         ensure!(code == 1002, "{what}: close code {code}");
     }
-    let body = c.metrics(0).await?;
-    ensure!(metric(&body, "chat_gateway_limited_total{limit=\"protocol\"}") >= 6.0);
+    wait_for("six protocol closes counted", WAIT, || async {
+        let body = c.metrics(0).await?;
+        Ok((metric(&body, "chat_gateway_limited_total{limit=\"protocol\"}") >= 6.0).then_some(()))
+    })
+    .await?;
     // A well-behaved raw client works, pings included.
     let mut r = Raw::connect(addr, "ann", None).await?;
     r.recv_type("hello").await?;

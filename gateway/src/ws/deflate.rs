@@ -35,54 +35,53 @@ const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 /// 6 for the sizes this is used for, at a third of the CPU.
 const LEVEL: u32 = 1;
 
-/// Whether any offer in the client's `Sec-WebSocket-Extensions` values is
-/// one the gateway can accept (see the module docs). Offers asking for a
-/// server window under 15 bits are declined: the compressor always uses
-/// 15, and the client then gets plain frames.
-pub fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
-    response(offers).is_some()
-}
-
-/// The `Sec-WebSocket-Extensions` answer to the first acceptable offer.
+/// The `Sec-WebSocket-Extensions` answer to the first offer in the client's
+/// values that the gateway can accept (see the module docs), or `None`.
+/// Offers asking for a server window under 15 bits are declined: the
+/// compressor always uses 15, and the client then gets plain frames.
 pub fn response<'a>(offers: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
-    offers.into_iter().flat_map(|v| v.split(',')).find_map(|o| {
-        acceptable(o).then(|| {
-            if o.to_ascii_lowercase().contains("server_max_window_bits") {
-                RESPONSE_WINDOW_15
-            } else {
-                RESPONSE
-            }
-        })
-    })
+    offers
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .find_map(answer)
 }
 
-fn acceptable(offer: &str) -> bool {
+/// The answer to one offer, if acceptable.
+fn answer(offer: &str) -> Option<&'static str> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts.next().is_some_and(|n| n.eq_ignore_ascii_case(NAME)) {
-        return false;
+        return None;
     }
     let mut seen: Vec<&str> = Vec::new();
+    let mut window_15 = false;
     for p in parts {
         let (key, value) = match p.split_once('=') {
             Some((k, v)) => (k.trim(), Some(v.trim().trim_matches('"'))),
             None => (p, None),
         };
         if seen.iter().any(|s| s.eq_ignore_ascii_case(key)) {
-            return false; // RFC 7692 §7: a repeated parameter declines the offer.
+            return None; // RFC 7692 §7: a repeated parameter declines the offer.
         }
         seen.push(key);
         let ok = match key.to_ascii_lowercase().as_str() {
             "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
             // The client says it can limit its window; we do not ask it to.
             "client_max_window_bits" => value.is_none_or(|v| window_bits(v).is_some()),
-            "server_max_window_bits" => value.and_then(window_bits) == Some(15),
+            "server_max_window_bits" => {
+                window_15 = true;
+                value.and_then(window_bits) == Some(15)
+            }
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
     }
-    true
+    Some(if window_15 {
+        RESPONSE_WINDOW_15
+    } else {
+        RESPONSE
+    })
 }
 
 fn window_bits(v: &str) -> Option<u8> {
@@ -162,6 +161,10 @@ pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn accepts<'a>(offers: impl IntoIterator<Item = &'a str>) -> bool {
+        response(offers).is_some()
+    }
 
     #[test]
     fn accepts_the_offers_browsers_make() {

@@ -157,11 +157,6 @@ impl WsUpgrade {
         })
     }
 
-    /// Whether the client offered permessage-deflate in a form we accept.
-    pub fn offers_deflate(&self) -> bool {
-        self.deflate.is_some()
-    }
-
     /// Answers 101 and runs `session` on the upgraded socket. `deflate`
     /// says whether to accept the client's permessage-deflate offer; the
     /// session is told whether it was negotiated.

@@ -697,17 +697,20 @@ async fn joined(
     frames: Vec<Bytes>,
 ) {
     let id = conn.id;
-    // The session learns of success before the frames, so a send right
-    // after `joined` is accepted; a session that is gone does not care.
-    let _ = done.send(Ok(()));
-    if !conn
+    // `joined` is queued before the session learns of success: a `leave`
+    // sent meanwhile answers `left` only once the session knows, so `left`
+    // can never overtake `joined`. (Sends are accepted from the moment of
+    // the `join`, so nothing waits on this order.)
+    let queued = conn
         .reply(&ServerFrame::Joined {
             room: room.clone(),
             last_seq,
             members,
         })
-        .await
-    {
+        .await;
+    // A session that is gone does not care.
+    let _ = done.send(Ok(()));
+    if !queued {
         return;
     }
     let mut cursor = since.unwrap_or(0).min(last_seq);

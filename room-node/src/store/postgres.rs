@@ -110,13 +110,19 @@ impl Store for PgStore {
         }
         let lease_rooms: Vec<&str> = batches.iter().map(|b| b.room.as_str()).collect();
         let lease_epochs: Vec<i64> = batches.iter().map(|b| b.epoch as i64).collect();
-        // The UPDATE locks each matched lease row until commit, so a new
+        // The matched lease rows stay locked until commit, so a new
         // owner's acquire waits for this commit and then reads its rows.
+        // They are locked in room order, as the renewal locks them: in any
+        // other order the two deadlock.
         let written: Vec<String> = sqlx::query_scalar(
-            "WITH fence AS ( \
+            "WITH locked AS ( \
+                 SELECT l.room FROM room_leases l \
+                 JOIN UNNEST($8::text[], $9::int8[]) AS f(room, epoch) \
+                   ON l.room = f.room AND l.epoch = f.epoch \
+                 WHERE l.owner = $11 ORDER BY l.room FOR UPDATE OF l), \
+             fence AS ( \
                  UPDATE room_leases l SET expires_at = now() + make_interval(secs => $10::float8 / 1000) \
-                 FROM UNNEST($8::text[], $9::int8[]) AS f(room, epoch) \
-                 WHERE l.room = f.room AND l.epoch = f.epoch AND l.owner = $11 \
+                 FROM locked WHERE l.room = locked.room \
                  RETURNING l.room) \
              INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) \
              SELECT r, s, i, u, b, c, to_timestamp($7::float8 / 1000) \
@@ -179,10 +185,15 @@ impl Store for PgStore {
     ) -> Result<Vec<RoomId>> {
         let rooms: Vec<&str> = leases.iter().map(|l| l.0.as_str()).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| l.1 as i64).collect();
+        // Locked in room order, as a group commit locks them (see there).
         let held: Vec<String> = sqlx::query_scalar(
-            "UPDATE room_leases l SET expires_at = now() + make_interval(secs => $4::float8 / 1000) \
-             FROM UNNEST($2::text[], $3::int8[]) AS f(room, epoch) \
-             WHERE l.room = f.room AND l.epoch = f.epoch AND l.owner = $1 \
+            "WITH locked AS ( \
+                 SELECT l.room FROM room_leases l \
+                 JOIN UNNEST($2::text[], $3::int8[]) AS f(room, epoch) \
+                   ON l.room = f.room AND l.epoch = f.epoch \
+                 WHERE l.owner = $1 ORDER BY l.room FOR UPDATE OF l) \
+             UPDATE room_leases l SET expires_at = now() + make_interval(secs => $4::float8 / 1000) \
+             FROM locked WHERE l.room = locked.room \
              RETURNING l.room",
         )
         .bind(owner.as_str())

@@ -333,16 +333,6 @@ impl Conn {
             ping_every,
         );
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let send_every = if self.plan.rate > 0.0 {
-            Duration::from_secs_f64((1.0 / self.plan.rate).max(0.005))
-        } else {
-            Duration::from_millis(100)
-        };
-        let mut send_tick = tokio::time::interval_at(
-            Instant::now() + send_every.mul_f64(self.random()),
-            send_every,
-        );
-        send_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut churn_at: Option<Instant> = None;
         loop {
             if churn_at.is_none() && self.phase == Phase::Running && self.joined {
@@ -354,9 +344,14 @@ impl Conn {
             let churn_armed = churn_at.is_some() && self.phase == Phase::Running;
             let churn_deadline = churn_at.unwrap_or_else(Instant::now);
             let sending = self.plan.sender && self.phase == Phase::Running && self.joined;
+            // Each send is timed on its own schedule, not on whatever frame
+            // happens to wake the connection: waking on deliveries made
+            // senders send in step with the server's commits, a convoy of
+            // the tool's own making.
+            let send_at = if sending { self.next_send_at() } else { None };
             let wake = tokio::select! {
                 m = ws.next() => Wake::Frame(m),
-                _ = send_tick.tick(), if sending => Wake::SendTick,
+                _ = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => Wake::SendTick,
                 _ = ping.tick() => Wake::Ping,
                 // The sender lives in `Shared`, which outlives this task.
                 _ = self.phase_rx.changed() => Wake::Phase,
@@ -444,6 +439,23 @@ impl Conn {
             self.verified = true;
             Stats::inc(&self.stats().verified, 1);
         }
+    }
+
+    /// When the next send falls due by the rate, if one may go out (none
+    /// while the window is full: an ack wakes the connection then, and
+    /// none at an unbounded rate, where acks drive the sends).
+    fn next_send_at(&self) -> Option<Instant> {
+        let rate = self.plan.rate;
+        let start = self.run_started?;
+        let outstanding = self.sent - self.answered;
+        if rate <= 0.0 || outstanding >= self.shared.cfg.window as u64 {
+            return None;
+        }
+        // `pump` sends message k once rate * elapsed + phase >= k.
+        let k = (self.sent_in_run + 1) as f64;
+        let after = ((k - self.send_phase) / rate).max(0.0);
+        // A microsecond late, so the rounding in `pump` sees it due.
+        Some(start + Duration::from_secs_f64(after) + Duration::from_micros(1))
     }
 
     /// Writes the sends that are due (by the rate, within the window).

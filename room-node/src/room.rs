@@ -14,7 +14,7 @@
 //! seen by anyone and may be reassigned when the database rejects a batch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -198,6 +198,28 @@ struct RoomActor {
     processed: u64,
     idle_since: Option<Instant>,
     stats: RoomStats,
+}
+
+/// When an alarm armed at `now` fires: at the next multiple of `interval`
+/// on a clock every room of the process shares. A message still waits at
+/// most `interval` (half of it on average), and rooms whose first messages
+/// arrive within the same interval fall due at the same instant, so the
+/// writer commits them as one group instead of one commit each (fewer
+/// commits, the cost that dominates under many quiet rooms).
+fn alarm_at(now: Instant, interval: Duration) -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    next_boundary(*EPOCH.get_or_init(Instant::now), now, interval)
+}
+
+/// The first multiple of `interval` after `epoch` that is later than `now`.
+fn next_boundary(epoch: Instant, now: Instant, interval: Duration) -> Instant {
+    let step = interval.as_nanos().max(1);
+    let Some(since) = now.checked_duration_since(epoch) else {
+        // A clock from before the epoch (paused test clocks): no alignment.
+        return now + interval;
+    };
+    let next = (since.as_nanos() / step + 1) * step;
+    u64::try_from(next).map_or(now + interval, |n| epoch + Duration::from_nanos(n))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -613,7 +635,7 @@ impl RoomActor {
             client_id,
         };
         if self.buffer.is_empty() && self.alarm.is_none() && !self.alarm_fired {
-            self.alarm = Some(Instant::now() + cfg.flush_interval);
+            self.alarm = Some(alarm_at(Instant::now(), cfg.flush_interval));
             self.stats.alarms_armed += 1;
             METRICS.alarms_armed.inc();
         }
@@ -682,7 +704,7 @@ impl RoomActor {
                     self.alarm_fired = false;
                 } else if !self.alarm_fired && self.alarm.is_none() {
                     // Rows left behind wait at most one more interval.
-                    self.alarm = Some(Instant::now() + cfg.flush_interval);
+                    self.alarm = Some(alarm_at(Instant::now(), cfg.flush_interval));
                     self.stats.alarms_armed += 1;
                     METRICS.alarms_armed.inc();
                 }

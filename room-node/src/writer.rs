@@ -104,6 +104,16 @@ pub fn spawn(
 async fn run(store: Arc<dyn Store>, fence: Fence, mut rx: mpsc::Receiver<FlushJob>) {
     let mut jobs = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
     while rx.recv_many(&mut jobs, MAX_JOBS_PER_COMMIT).await > 0 {
+        // Rooms whose alarms fell on the same boundary are ready at the
+        // same instant; let them hand in their batches before committing,
+        // or the first would commit alone and the rest wait behind it.
+        tokio::task::yield_now().await;
+        while jobs.len() < MAX_JOBS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
         commit_group(&*store, &fence, &mut jobs).await;
     }
 }

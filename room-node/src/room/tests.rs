@@ -707,3 +707,32 @@ async fn a_room_waits_for_a_lease_held_elsewhere_then_serves() {
         "taken at the next epoch, released at the end"
     );
 }
+
+#[test]
+fn alarms_fall_on_shared_boundaries_within_one_interval() {
+    let interval = Duration::from_millis(5);
+    let epoch = Instant::now();
+    let base = epoch + Duration::from_micros(1_234_567);
+    let at = |t| super::next_boundary(epoch, t, interval);
+    let first = at(base);
+    assert_eq!(first, epoch + Duration::from_millis(1_235));
+    assert!(
+        first > base && first <= base + interval,
+        "waits at most one interval"
+    );
+    // Every instant up to the boundary maps to it: rooms armed in the same
+    // interval fall due together.
+    for us in [0u64, 1, 999, 2_500] {
+        let t = base + Duration::from_micros(us);
+        if t < first {
+            assert_eq!(at(t), first);
+        }
+    }
+    // At the boundary the next one is a whole interval on.
+    assert_eq!(at(first), first + interval);
+    // A clock behind the epoch just waits the interval.
+    let early = epoch.checked_sub(Duration::from_millis(1)).unwrap_or(epoch);
+    if early < epoch {
+        assert_eq!(at(early), early + interval);
+    }
+}

@@ -59,6 +59,17 @@ pub enum NodeRequest {
         /// The sender's id for the message.
         client_id: String,
     },
+    /// Sends a member shard of a big room accepted (authorised, rate
+    /// limited, validated), handed to the room's sequencer in the order the
+    /// shard took them. The sequencer numbers and stores them like direct
+    /// sends and answers each one at its own `reply` after commit; the
+    /// request itself is answered [`ReplyHead::Forwarded`] at once.
+    Forward {
+        /// The room (the sequencer's placement key).
+        room: RoomId,
+        /// The sends, in the shard's order.
+        sends: Vec<ForwardedSend>,
+    },
     /// A page of committed messages: `after < seq < before`, newest
     /// `limit` of them when only `before` is given, oldest otherwise.
     History {
@@ -80,9 +91,23 @@ impl NodeRequest {
             Self::Join { room, .. }
             | Self::Leave { room, .. }
             | Self::Send { room, .. }
+            | Self::Forward { room, .. }
             | Self::History { room, .. } => room,
         }
     }
+}
+
+/// One send inside a [`NodeRequest::Forward`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardedSend {
+    /// The sender, from authentication at the gateway.
+    pub user: UserId,
+    /// The text.
+    pub text: String,
+    /// The sender's id for the message.
+    pub client_id: String,
+    /// Where the sender's gateway waits for the `ack` (or error).
+    pub reply: String,
 }
 
 /// The metadata line of a reply from a room node.
@@ -109,6 +134,12 @@ pub enum ReplyHead {
         id: String,
         /// Whether this was a resend of an already stored message.
         duplicate: bool,
+    },
+    /// A [`NodeRequest::Forward`] was taken in order; each send is
+    /// answered at its own reply subject.
+    Forwarded {
+        /// Sends taken.
+        accepted: u32,
     },
     /// History page; message frames follow in seq order.
     History {
@@ -326,5 +357,21 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<NodeRequest>(&s).unwrap(), r);
         assert_eq!(r.room().as_str(), "r");
+        let f = NodeRequest::Forward {
+            room: RoomId::new("big").unwrap(),
+            sends: vec![ForwardedSend {
+                user: UserId::new("ann").unwrap(),
+                text: "line\nbreak ✓".into(),
+                client_id: "c1".into(),
+                reply: "_INBOX.x.1".into(),
+            }],
+        };
+        let s = serde_json::to_string(&f).unwrap();
+        assert!(s.starts_with(r#"{"op":"forward""#), "{s}");
+        assert_eq!(serde_json::from_str::<NodeRequest>(&s).unwrap(), f);
+        assert_eq!(f.room().as_str(), "big");
+        let (h, _) =
+            decode_reply(&encode_reply(&ReplyHead::Forwarded { accepted: 3 }, &[])).unwrap();
+        assert_eq!(h, ReplyHead::Forwarded { accepted: 3 });
     }
 }

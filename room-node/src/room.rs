@@ -200,6 +200,14 @@ struct RoomActor {
     stats: RoomStats,
 }
 
+/// Whether a send still needs the per-user rate limit: a member shard of
+/// a big room limits its members before it forwards their sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    Check,
+    Done,
+}
+
 /// When an alarm armed at `now` fires: at the next multiple of `interval`
 /// on a clock every room of the process shares. A message still waits at
 /// most `interval` (half of it on average), and rooms whose first messages
@@ -498,7 +506,18 @@ impl RoomActor {
                 client_id,
                 ..
             } => {
-                self.on_send(user, text, client_id, reply).await;
+                self.on_send(user, text, client_id, reply, Limit::Check)
+                    .await;
+            }
+            NodeRequest::Forward { sends, .. } => {
+                let accepted = u32::try_from(sends.len()).unwrap_or(u32::MAX);
+                for s in sends {
+                    // The shard limited its own members' rates.
+                    self.on_send(s.user, s.text, s.client_id, Some(s.reply), Limit::Done)
+                        .await;
+                }
+                self.reply(reply, &ReplyHead::Forwarded { accepted }, &[])
+                    .await;
             }
             NodeRequest::Join {
                 user,
@@ -567,6 +586,7 @@ impl RoomActor {
         text: String,
         client_id: String,
         reply: Option<String>,
+        limit: Limit,
     ) {
         let key = (user, client_id);
         if let Some((seq, id)) = self.dedup.get(&key) {
@@ -588,7 +608,7 @@ impl RoomActor {
             return;
         }
         let cfg = self.deps.config.clone();
-        if !cfg.rate.disabled() {
+        if limit == Limit::Check && !cfg.rate.disabled() {
             let now = Instant::now();
             let bucket = self
                 .buckets

@@ -103,3 +103,56 @@ async fn group_commits_and_lease_renewals_never_deadlock() -> anyhow::Result<()>
     anyhow::ensure!(stored as u64 == expected, "{stored} rows of {expected}");
     Ok(())
 }
+
+/// The shard count of a big room is written under the sequencer's lease:
+/// a node that lost the lease cannot change it, and the next owner loads
+/// what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_counts_are_fenced_by_the_lease_and_survive_a_takeover() -> anyhow::Result<()> {
+    let url = fresh_database().await?;
+    let store = PgStore::connect(&url, 4).await?;
+    let (a, b) = (NodeId::new("node-a")?, NodeId::new("node-b")?);
+    let room = RoomId::new("big")?;
+    anyhow::ensure!(store.load_room(&room, 10, 10).await?.shards == 1, "unsplit");
+    // A lease that expires at once, so node-b can take it over.
+    let epoch_a = store
+        .acquire_lease(&room, &a, Duration::from_millis(1))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("lease not free"))?;
+    anyhow::ensure!(
+        store.set_shards(&room, &a, epoch_a, 3).await?,
+        "owner writes"
+    );
+    anyhow::ensure!(
+        store.load_room(&room, 10, 10).await?.shards == 3,
+        "3 loaded"
+    );
+    let epoch_b = chat_tests::wait_for(
+        "node-b takes the expired lease",
+        Duration::from_secs(10),
+        || {
+            let (store, room, b) = (&store, &room, &b);
+            async move {
+                Ok(store
+                    .acquire_lease(room, b, Duration::from_secs(30))
+                    .await?)
+            }
+        },
+    )
+    .await?;
+    anyhow::ensure!(epoch_b > epoch_a, "epoch bumped");
+    anyhow::ensure!(
+        !store.set_shards(&room, &a, epoch_a, 5).await?,
+        "the old owner is fenced"
+    );
+    anyhow::ensure!(store.load_room(&room, 10, 10).await?.shards == 3, "still 3");
+    anyhow::ensure!(
+        store.set_shards(&room, &b, epoch_b, 5).await?,
+        "new owner writes"
+    );
+    anyhow::ensure!(
+        store.load_room(&room, 10, 10).await?.shards == 5,
+        "5 loaded"
+    );
+    Ok(())
+}

@@ -21,6 +21,8 @@ struct FakeState {
     commits: usize,
     /// room → (owner, epoch, released)
     leases: std::collections::HashMap<String, (String, u64, bool)>,
+    /// room → member shards
+    shards: std::collections::HashMap<String, u32>,
 }
 
 #[derive(Default)]
@@ -149,6 +151,24 @@ impl Store for FakeStore {
         Ok(())
     }
 
+    async fn set_shards(
+        &self,
+        room: &RoomId,
+        owner: &NodeId,
+        epoch: u64,
+        shards: u32,
+    ) -> StoreResult<bool> {
+        let mut s = self.state.lock().unwrap();
+        let held = s
+            .leases
+            .get(room.as_str())
+            .is_some_and(|(o, e, _)| o == owner.as_str() && *e == epoch);
+        if held {
+            s.shards.insert(room.as_str().to_owned(), shards);
+        }
+        Ok(held)
+    }
+
     async fn load_room(&self, room: &RoomId, recent: u32, _dedup: u32) -> StoreResult<Snapshot> {
         let rows = self.rows(room.as_str());
         let last_seq = rows.last().map_or(0, |m| m.seq);
@@ -161,6 +181,14 @@ impl Store for FakeStore {
             last_seq,
             recent: rows[skip..].to_vec(),
             dedup,
+            shards: self
+                .state
+                .lock()
+                .unwrap()
+                .shards
+                .get(room.as_str())
+                .copied()
+                .unwrap_or(1),
         })
     }
 
@@ -735,4 +763,113 @@ fn alarms_fall_on_shared_boundaries_within_one_interval() {
     if early < epoch {
         assert_eq!(at(early), early + interval);
     }
+}
+
+fn forward(h: &Harness, sends: &[(&str, &str, &str)]) {
+    let req = NodeRequest::Forward {
+        room: room(),
+        sends: sends
+            .iter()
+            .map(|(user, cid, reply)| chat_protocol::bus::ForwardedSend {
+                user: UserId::new(user).unwrap(),
+                text: format!("text of {cid}"),
+                client_id: (*cid).into(),
+                reply: (*reply).into(),
+            })
+            .collect(),
+    };
+    h.handle
+        .try_send(RoomCommand::Request {
+            req,
+            reply: Some("shard".into()),
+        })
+        .unwrap();
+}
+
+async fn reply_on(sub: &mut BoxStream<'static, crate::bus::BusMessage>) -> ReplyHead {
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("a reply in time")
+        .expect("subscription open");
+    decode_reply(&m.payload).unwrap().0
+}
+
+#[tokio::test(start_paused = true)]
+async fn forwarded_sends_are_sequenced_in_order_and_acked_at_their_own_reply() {
+    // A tight limit the shard already applied: the sequencer must not
+    // apply it again to forwarded sends.
+    let cfg = RoomConfig {
+        rate: RateLimit {
+            per_sec: 1.0,
+            burst: 1.0,
+        },
+        ..RoomConfig::default()
+    };
+    let mut h = harness(FakeStore::default(), cfg).await;
+    let mut shard = h.bus.subscribe("shard".into()).await.unwrap();
+    let mut subs = Vec::new();
+    for r in ["g1", "g2", "g3"] {
+        subs.push(h.bus.subscribe(r.into()).await.unwrap());
+    }
+    forward(
+        &h,
+        &[
+            ("ann", "a1", "g1"),
+            ("ann", "a2", "g2"),
+            ("bob", "b1", "g3"),
+        ],
+    );
+    assert_eq!(
+        reply_on(&mut shard).await,
+        ReplyHead::Forwarded { accepted: 3 }
+    );
+    for (want, sub) in (1..=3).zip(subs.iter_mut()) {
+        match reply_on(sub).await {
+            ReplyHead::Ack { seq, duplicate, .. } => {
+                assert_eq!((seq, duplicate), (want, false), "in the shard's order");
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    for want in 1..=3 {
+        assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(want));
+    }
+    // A resend through the shard of what was already stored is the same
+    // message, not a new one.
+    let mut again = h.bus.subscribe("g4".into()).await.unwrap();
+    forward(&h, &[("ann", "a1", "g4")]);
+    assert_eq!(
+        reply_on(&mut shard).await,
+        ReplyHead::Forwarded { accepted: 1 }
+    );
+    match reply_on(&mut again).await {
+        ReplyHead::Ack { seq, duplicate, .. } => assert_eq!((seq, duplicate), (1, true)),
+        other => panic!("expected a duplicate ack, got {other:?}"),
+    }
+    // A direct send from ann is still limited (her burst of 1 is unspent
+    // by the forwarded ones, so the first passes and the second does not).
+    send(&h, "ann", "a3");
+    send(&h, "ann", "a4");
+    let mut heads = vec![
+        next_reply(&mut h, Duration::from_secs(5)).await.unwrap(),
+        next_reply(&mut h, Duration::from_secs(5)).await.unwrap(),
+    ];
+    heads.sort_by_key(|r| matches!(r, ReplyHead::Ack { .. }));
+    assert!(
+        matches!(
+            &heads[0],
+            ReplyHead::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+        ),
+        "{heads:?}"
+    );
+    assert!(
+        matches!(&heads[1], ReplyHead::Ack { seq: 4, .. }),
+        "{heads:?}"
+    );
+    let (_, store) = stop(h).await;
+    let seqs: Vec<u64> = store.rows("r").iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "gap-free, no duplicate");
 }

@@ -53,7 +53,7 @@ pub struct RoomRows<'a> {
 }
 
 /// What a room needs from storage when it starts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     /// Highest committed seq (0 for a new room).
     pub last_seq: u64,
@@ -62,6 +62,19 @@ pub struct Snapshot {
     /// `(user, client_id) → (seq, id)` of the newest messages, oldest first,
     /// for the dedup window.
     pub dedup: Vec<(UserId, String, u64, String)>,
+    /// Member shards the room is split into (1: not split).
+    pub shards: u32,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            last_seq: 0,
+            recent: Vec::new(),
+            dedup: Vec::new(),
+            shards: 1,
+        }
+    }
 }
 
 /// A page request: `after < seq < before`; the newest `limit` when only
@@ -125,6 +138,20 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// When the database cannot answer.
     async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> Result<()>;
+
+    /// Records that `room` is now split into `shards` member shards, if
+    /// `owner` still holds its lease at `epoch`; `false` when fenced (a new
+    /// owner decides from then on).
+    ///
+    /// # Errors
+    /// When the database cannot answer.
+    async fn set_shards(
+        &self,
+        room: &RoomId,
+        owner: &NodeId,
+        epoch: u64,
+        shards: u32,
+    ) -> Result<bool>;
 
     /// Loads what a room actor needs to take a room over.
     ///

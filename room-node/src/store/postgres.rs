@@ -206,6 +206,36 @@ impl Store for PgStore {
         Ok(held.iter().filter_map(|r| RoomId::new(r).ok()).collect())
     }
 
+    async fn set_shards(
+        &self,
+        room: &RoomId,
+        owner: &NodeId,
+        epoch: u64,
+        shards: u32,
+    ) -> Result<bool> {
+        let shards = i32::try_from(shards.max(1))
+            .map_err(|_| StoreError::Rejected(format!("{shards} shards is too many")))?;
+        // The lease row is share-locked, so a takeover waits for this write
+        // and then loads the new count.
+        let written: Option<i32> = sqlx::query_scalar(
+            "WITH fence AS ( \
+                 SELECT room FROM room_leases \
+                 WHERE room = $1 AND owner = $2 AND epoch = $3 FOR SHARE) \
+             INSERT INTO room_shards (room, shards, changed_at) \
+             SELECT room, $4, now() FROM fence \
+             ON CONFLICT (room) DO UPDATE SET shards = EXCLUDED.shards, changed_at = EXCLUDED.changed_at \
+             RETURNING shards",
+        )
+        .bind(room.as_str())
+        .bind(owner.as_str())
+        .bind(epoch as i64)
+        .bind(shards)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(written.is_some())
+    }
+
     async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> Result<()> {
         sqlx::query(
             "UPDATE room_leases SET expires_at = 'epoch' \
@@ -253,10 +283,17 @@ impl Store for PgStore {
                 keys.push((user, r.get(1), to_seq(r.get(2)), r.get(3)));
             }
         }
+        let shards: Option<i32> =
+            sqlx::query_scalar("SELECT shards FROM room_shards WHERE room = $1")
+                .bind(room.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
         Ok(Snapshot {
             last_seq: to_seq(last_seq.unwrap_or(0)),
             recent,
             dedup: keys,
+            shards: shards.map_or(1, |n| u32::try_from(n).unwrap_or(1).max(1)),
         })
     }
 

@@ -98,6 +98,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_shards(
+        &self,
+        room: &RoomId,
+        _owner: &NodeId,
+        _epoch: u64,
+        shards: u32,
+    ) -> Result<bool> {
+        sqlx::query(
+            "INSERT INTO room_shards (room, shards, changed_at) VALUES (?, ?, ?) \
+             ON CONFLICT (room) DO UPDATE SET shards = excluded.shards, changed_at = excluded.changed_at",
+        )
+        .bind(room.as_str())
+        .bind(i64::from(shards.max(1)))
+        .bind(crate::membership::now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(true)
+    }
+
     async fn commit(
         &self,
         _owner: &NodeId,
@@ -161,10 +181,17 @@ impl Store for SqliteStore {
                 keys.push((user, r.get(1), to_seq(r.get(2)), r.get(3)));
             }
         }
+        let shards: Option<i64> =
+            sqlx::query_scalar("SELECT shards FROM room_shards WHERE room = ?")
+                .bind(room.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
         Ok(Snapshot {
             last_seq: to_seq(last_seq.unwrap_or(0)),
             recent,
             dedup: keys,
+            shards: shards.map_or(1, |n| u32::try_from(n).unwrap_or(1).max(1)),
         })
     }
 
@@ -224,5 +251,29 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shard_counts_are_stored_and_loaded() {
+        let dir = std::env::temp_dir().join(format!(
+            "chat-sqlite-shards-{}-{}",
+            std::process::id(),
+            crate::membership::now_ms()
+        ));
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let room = RoomId::new("big").unwrap();
+        let node = NodeId::new("embedded").unwrap();
+        assert_eq!(store.load_room(&room, 10, 10).await.unwrap().shards, 1);
+        assert!(store.set_shards(&room, &node, 1, 4).await.unwrap());
+        assert_eq!(store.load_room(&room, 10, 10).await.unwrap().shards, 4);
+        assert!(store.set_shards(&room, &node, 1, 6).await.unwrap());
+        assert_eq!(store.load_room(&room, 10, 10).await.unwrap().shards, 6);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

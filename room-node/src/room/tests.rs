@@ -8,7 +8,6 @@ use async_trait::async_trait;
 use chat_protocol::bus::decode_reply;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tokio::sync::Notify;
 
 use super::*;
 use crate::bus::memory::MemoryBus;
@@ -28,7 +27,9 @@ struct FakeState {
 #[derive(Default)]
 struct FakeStore {
     state: Mutex<FakeState>,
-    gate: Option<Arc<Notify>>,
+    /// Each commit takes one permit: a test lets commits through by
+    /// adding permits, whether or not the writer is already waiting.
+    gate: Option<Arc<Semaphore>>,
 }
 
 impl FakeStore {
@@ -52,7 +53,7 @@ impl Store for FakeStore {
         ts_ms: i64,
     ) -> StoreResult<Vec<usize>> {
         if let Some(g) = &self.gate {
-            g.notified().await;
+            g.acquire().await.expect("gate open").forget();
         }
         let mut s = self.state.lock().unwrap();
         s.commits += 1;
@@ -409,7 +410,7 @@ async fn failed_flush_keeps_order_and_retries_and_nothing_is_broadcast_before_co
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_broadcast_while_the_commit_is_in_flight() {
-    let gate = Arc::new(Notify::new());
+    let gate = Arc::new(Semaphore::new(0));
     let store = FakeStore {
         gate: Some(gate.clone()),
         ..Default::default()
@@ -418,7 +419,7 @@ async fn nothing_is_broadcast_while_the_commit_is_in_flight() {
     send(&h, "ann", "c1");
     assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, None);
     assert!(next_reply(&mut h, Duration::from_millis(1)).await.is_none());
-    gate.notify_one();
+    gate.add_permits(1);
     assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
     assert!(matches!(
         next_reply(&mut h, Duration::from_secs(1)).await,
@@ -594,7 +595,7 @@ async fn join_backlog_and_history_come_from_the_ring() {
 
 #[tokio::test(start_paused = true)]
 async fn past_the_high_water_mark_sends_get_overloaded_and_nothing_is_dropped() {
-    let gate = Arc::new(Notify::new());
+    let gate = Arc::new(Semaphore::new(0));
     let store = FakeStore {
         gate: Some(gate.clone()),
         ..Default::default()
@@ -616,8 +617,7 @@ async fn past_the_high_water_mark_sends_get_overloaded_and_nothing_is_dropped() 
         }) => {}
         other => panic!("expected overloaded, got {other:?}"),
     }
-    gate.notify_one();
-    gate.notify_one();
+    gate.add_permits(2);
     for want in 1..=3 {
         assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(want));
     }
@@ -677,7 +677,7 @@ async fn an_empty_room_reports_idle_and_ends_when_its_handle_is_dropped() {
 
 #[tokio::test(start_paused = true)]
 async fn a_fenced_batch_writes_nothing_and_senders_are_sent_to_the_new_owner() {
-    let gate = Arc::new(Notify::new());
+    let gate = Arc::new(Semaphore::new(0));
     let store = FakeStore {
         gate: Some(gate.clone()),
         ..Default::default()
@@ -693,7 +693,7 @@ async fn a_fenced_batch_writes_nothing_and_senders_are_sent_to_the_new_owner() {
         *l = ("n2".into(), l.1 + 1, false);
     }
     send(&h, "ann", "a2");
-    gate.notify_one();
+    gate.add_permits(1);
     for _ in 0..2 {
         assert_eq!(
             next_reply(&mut h, Duration::from_secs(1)).await,

@@ -187,6 +187,51 @@ impl RoomHub {
         });
     }
 
+    /// Keeps the members of split rooms registered at their member shards:
+    /// when a room's shard count grows (learned from a `sharded` answer),
+    /// and when the ring changes (a shard may have moved to a node that
+    /// does not know its members). Runs until the client's ring closes.
+    pub fn follow_shards(&self) {
+        let hub = self.clone();
+        let mut grew = self.inner.client.shard_growth();
+        let mut ring = self.inner.client.placement_watch();
+        tokio::spawn(async move {
+            loop {
+                let rooms: Vec<mpsc::Sender<Cmd>> = tokio::select! {
+                    r = grew.recv() => match r {
+                        Ok(room) => hub.inner.rooms.lock().expect("hub lock").get(&room).cloned().into_iter().collect(),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => hub.split_rooms(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    changed = ring.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        hub.split_rooms()
+                    }
+                };
+                for tx in rooms {
+                    if tx.try_send(Cmd::Resync).is_err() {
+                        tracing::warn!("room busy; its members re-register at the next change");
+                    }
+                }
+            }
+        });
+    }
+
+    /// The room tasks of rooms split into member shards.
+    fn split_rooms(&self) -> Vec<mpsc::Sender<Cmd>> {
+        let client = &self.inner.client;
+        self.inner
+            .rooms
+            .lock()
+            .expect("hub lock")
+            .iter()
+            .filter(|(room, _)| client.shard_count(room) > 1)
+            .map(|(_, tx)| tx.clone())
+            .collect()
+    }
+
     /// Rooms with a subscription on this gateway.
     pub fn room_count(&self) -> usize {
         self.inner.rooms.lock().expect("hub lock").len()
@@ -353,6 +398,19 @@ impl RoomTask {
                 }
             }
             Ok(Event::Resync) => self.resync(),
+            Ok(Event::Shards { count }) => {
+                // The room was split: route its members by shard from now
+                // on and register them there.
+                self.hub.inner.client.learn_shards(&self.room, count);
+                self.resync();
+            }
+            Ok(Event::ToAll { frame }) => {
+                if let Some(frame) = text(frame) {
+                    for m in self.members.values().filter(|m| m.live) {
+                        m.conn.try_deliver(frame.clone(), FrameKind::Presence);
+                    }
+                }
+            }
             Err(e) => tracing::warn!(room = %self.room, error = %e, "undecodable room event"),
         }
     }
@@ -439,10 +497,15 @@ impl RoomTask {
     /// Re-registers every joined member with the room's (new) owner,
     /// quietly: they were present before, so nobody hears of them again.
     fn resync(&self) {
+        // In a split room, members still joining count too: a join the
+        // sequencer took just before the split was handed over with its
+        // roster, so it must be registered at the shard as well (quiet
+        // re-registration is idempotent).
+        let split = self.hub.inner.client.shard_count(&self.room) > 1;
         let members: Vec<(u64, UserId)> = self
             .members
             .iter()
-            .filter(|(_, m)| m.live && !m.leaving)
+            .filter(|(_, m)| (m.live || split) && !m.leaving)
             .map(|(id, m)| (*id, m.user.clone()))
             .collect();
         if members.is_empty() {

@@ -168,6 +168,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         gateway_id.clone(),
     );
     hub.follow_reconnects();
+    hub.follow_shards();
     // Room nodes watch gateway heartbeats and drop the members of a
     // gateway that died, so nobody stays online forever.
     bus.kv_ensure(&subjects.gateways_bucket(), ttl * 4).await?;

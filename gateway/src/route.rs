@@ -5,16 +5,18 @@
 //! `(user, client_id)`, joins and leaves are keyed by connection, history
 //! only reads.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use chat_protocol::bus::{decode_reply, NodeRequest, ReplyHead};
 use chat_protocol::placement::Placement;
+use chat_protocol::shard::user_shard;
 use chat_protocol::subjects::Subjects;
-use chat_protocol::{ErrorCode, ServerFrame};
+use chat_protocol::{ErrorCode, RoomId, ServerFrame};
 use chat_room_node::bus::{Bus, BusError};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::metrics::METRICS;
 
@@ -75,14 +77,29 @@ pub fn failure_frame(
     }
 }
 
-/// Sends requests to room owners.
+/// Sends requests to room owners, and the member requests of big rooms to
+/// their member shards.
 #[derive(Clone)]
 pub struct NodeClient {
     bus: Arc<dyn Bus>,
     subjects: Subjects,
     placement: watch::Receiver<Placement>,
     timeout: Duration,
+    shards: Arc<ShardCounts>,
 }
+
+/// The shard counts of the split rooms this gateway has heard of (rooms
+/// not in the map have one shard). Learned from the sequencer's `shards`
+/// event and from `sharded` answers; counts only grow.
+#[derive(Debug)]
+struct ShardCounts {
+    counts: Mutex<HashMap<RoomId, u32>>,
+    /// Rooms whose count grew, so their members are re-registered.
+    grew: broadcast::Sender<RoomId>,
+}
+
+/// Tries of a member request while the room's shard count changes.
+const RESHARD_TRIES: u32 = 4;
 
 impl NodeClient {
     /// A client over `bus`, following `placement`; each try waits up to
@@ -98,7 +115,53 @@ impl NodeClient {
             subjects,
             placement,
             timeout,
+            shards: Arc::new(ShardCounts {
+                counts: Mutex::new(HashMap::new()),
+                grew: broadcast::channel(256).0,
+            }),
         }
+    }
+
+    /// The member shards `room` is split into, as far as this gateway
+    /// knows (1: not split).
+    pub fn shard_count(&self, room: &RoomId) -> u32 {
+        self.shards
+            .counts
+            .lock()
+            .expect("shard counts lock")
+            .get(room)
+            .copied()
+            .unwrap_or(1)
+    }
+
+    /// Records that `room` is split into `shards`; says whether that is
+    /// news (then the room's members must be re-registered at their shards).
+    pub fn learn_shards(&self, room: &RoomId, shards: u32) -> bool {
+        if shards <= 1 {
+            return false;
+        }
+        let grew = {
+            let mut counts = self.shards.counts.lock().expect("shard counts lock");
+            let known = counts.entry(room.clone()).or_insert(1);
+            let grew = shards > *known;
+            *known = (*known).max(shards);
+            grew
+        };
+        if grew {
+            // Nobody listening (no hub yet) is fine.
+            let _ = self.shards.grew.send(room.clone());
+        }
+        grew
+    }
+
+    /// Rooms whose shard count grew, as they are learned.
+    pub fn shard_growth(&self) -> broadcast::Receiver<RoomId> {
+        self.shards.grew.subscribe()
+    }
+
+    /// A watch on the placement ring.
+    pub fn placement_watch(&self) -> watch::Receiver<Placement> {
+        self.placement.clone()
     }
 
     /// The current ring.
@@ -116,13 +179,46 @@ impl NodeClient {
     /// # Errors
     /// [`RouteError::Unavailable`] after [`ATTEMPTS`] tries.
     pub async fn call(&self, req: &NodeRequest) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
-        let payload = Bytes::from(serde_json::to_vec(req).expect("requests serialise"));
         let room = req.room();
+        for _ in 0..RESHARD_TRIES {
+            let count = self.shard_count(room);
+            let reply = match req.member() {
+                Some(user) if count > 1 => {
+                    let wrapped = NodeRequest::Shard {
+                        shard: user_shard(user, count),
+                        shards: count,
+                        req: Box::new(req.clone()),
+                    };
+                    self.call_owner(&wrapped).await?
+                }
+                _ => self.call_owner(req).await?,
+            };
+            match reply {
+                (ReplyHead::Sharded { shards }, _) if shards != count => {
+                    METRICS
+                        .node_request_errors
+                        .with_label_values(&["resharded"])
+                        .inc();
+                    self.learn_shards(room, shards);
+                }
+                other => return Ok(other),
+            }
+        }
+        Err(RouteError::Unavailable(format!(
+            "the member shards of {room} kept changing"
+        )))
+    }
+
+    /// One request to the owner of its placement key, retried while the
+    /// ring settles.
+    async fn call_owner(&self, req: &NodeRequest) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
+        let payload = Bytes::from(serde_json::to_vec(req).expect("requests serialise"));
+        let key = req.placement_key();
         let mut placement = self.placement.clone();
         let mut backoff = FIRST_BACKOFF;
         let mut last = String::from("no room node is live");
         for _ in 0..ATTEMPTS {
-            let owner = placement.borrow_and_update().owner(room);
+            let owner = placement.borrow_and_update().owner_of(&key);
             if let Some(owner) = owner {
                 let subject = self.subjects.node_inbox(&owner);
                 match self

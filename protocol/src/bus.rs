@@ -70,6 +70,38 @@ pub enum NodeRequest {
         /// The sends, in the shard's order.
         sends: Vec<ForwardedSend>,
     },
+    /// A member request (`join`, `leave` or `send`) for member shard
+    /// `shard` of a room split into `shards`; placed on the ring under the
+    /// shard's key, not the room's.
+    Shard {
+        /// The member shard (`crate::shard::user_shard` of the user).
+        shard: u32,
+        /// The shard count the sender routed by.
+        shards: u32,
+        /// The member request itself.
+        req: Box<NodeRequest>,
+    },
+    /// What a member shard needs to answer a `join`: the room's `last_seq`,
+    /// member count and backlog after `since`, without registering anyone.
+    /// Answered like a join.
+    Backlog {
+        /// The room.
+        room: RoomId,
+        /// Deliver the backlog after this seq (else the last 50).
+        since: Option<u64>,
+    },
+    /// A member shard's count of users present, for the sequencer's total
+    /// (published without a reply).
+    Count {
+        /// The room.
+        room: RoomId,
+        /// The shard.
+        shard: u32,
+        /// The shard count it counts under.
+        shards: u32,
+        /// Distinct users present in the shard.
+        members: u64,
+    },
     /// A page of committed messages: `after < seq < before`, newest
     /// `limit` of them when only `before` is given, oldest otherwise.
     History {
@@ -85,14 +117,39 @@ pub enum NodeRequest {
 }
 
 impl NodeRequest {
-    /// The room the request is about (its placement key).
+    /// The room the request is about.
     pub fn room(&self) -> &RoomId {
         match self {
             Self::Join { room, .. }
             | Self::Leave { room, .. }
             | Self::Send { room, .. }
             | Self::Forward { room, .. }
+            | Self::Backlog { room, .. }
+            | Self::Count { room, .. }
             | Self::History { room, .. } => room,
+            Self::Shard { req, .. } => req.room(),
+        }
+    }
+
+    /// Where the request is placed on the ring: the room, or for a member
+    /// shard request the shard's key.
+    pub fn placement_key(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Shard { shard, req, .. } => {
+                std::borrow::Cow::Owned(crate::shard::shard_key(req.room(), *shard))
+            }
+            other => std::borrow::Cow::Borrowed(other.room().as_str()),
+        }
+    }
+
+    /// The user a member request is for (`join`, `leave`, `send`).
+    pub fn member(&self) -> Option<&UserId> {
+        match self {
+            Self::Join { user, .. } | Self::Leave { user, .. } | Self::Send { user, .. } => {
+                Some(user)
+            }
+            Self::Shard { req, .. } => req.member(),
+            _ => None,
         }
     }
 }
@@ -106,8 +163,10 @@ pub struct ForwardedSend {
     pub text: String,
     /// The sender's id for the message.
     pub client_id: String,
-    /// Where the sender's gateway waits for the `ack` (or error).
-    pub reply: String,
+    /// Where the sender's gateway waits for the `ack` (or error), if
+    /// anywhere.
+    #[serde(default)]
+    pub reply: Option<String>,
 }
 
 /// The metadata line of a reply from a room node.
@@ -140,6 +199,12 @@ pub enum ReplyHead {
     Forwarded {
         /// Sends taken.
         accepted: u32,
+    },
+    /// The room is split into `shards` member shards: send member requests
+    /// to the user's shard (or, from a shard, the count changed).
+    Sharded {
+        /// The current shard count.
+        shards: u32,
     },
     /// History page; message frames follow in seq order.
     History {
@@ -228,6 +293,17 @@ pub enum Event {
     /// The room has a new owner (or the same one restarted): gateways
     /// re-register their members with it.
     Resync,
+    /// The room is now split into `count` member shards: gateways route
+    /// its members' requests by shard and re-register their members there.
+    Shards {
+        /// The shard count.
+        count: u32,
+    },
+    /// A frame for every member (a big room's `members` count).
+    ToAll {
+        /// The frame.
+        frame: Bytes,
+    },
     /// A presence change (not sequenced); `frame` is the client frame.
     Presence {
         /// Whose presence changed, so gateways need not parse the frame to
@@ -239,7 +315,8 @@ pub enum Event {
 }
 
 impl Event {
-    /// Encodes the event: `m <seq>\n<frame>` or `p <user>\n<frame>`.
+    /// Encodes the event: `m <seq>\n<frame>`, `p <user>\n<frame>`, `r\n`,
+    /// `s <count>\n` or `a\n<frame>`.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::new();
         match self {
@@ -251,6 +328,16 @@ impl Event {
                 out.put_slice(frame);
             }
             Self::Resync => out.put_slice(b"r\n"),
+            Self::Shards { count } => {
+                out.put_slice(b"s ");
+                out.put_slice(count.to_string().as_bytes());
+                out.put_u8(b'\n');
+            }
+            Self::ToAll { frame } => {
+                out.reserve(frame.len() + 2);
+                out.put_slice(b"a\n");
+                out.put_slice(frame);
+            }
             Self::Presence { user, frame } => {
                 out.reserve(frame.len() + user.as_str().len() + 3);
                 out.put_slice(b"p ");
@@ -275,6 +362,14 @@ impl Event {
         let frame = payload.slice(nl + 1..);
         match head {
             b"r" => Ok(Self::Resync),
+            b"a" => Ok(Self::ToAll { frame }),
+            [b's', b' ', digits @ ..] => {
+                let count = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(DecodeError::Framing)?;
+                Ok(Self::Shards { count })
+            }
             [b'p', b' ', user @ ..] => {
                 let user = std::str::from_utf8(user)
                     .ok()
@@ -342,6 +437,13 @@ mod tests {
             Event::decode(&Event::Resync.encode()).unwrap(),
             Event::Resync
         );
+        let s = Event::Shards { count: 12 };
+        assert_eq!(Event::decode(&s.encode()).unwrap(), s);
+        let a = Event::ToAll {
+            frame: Bytes::from_static(b"{\"type\":\"members\"}"),
+        };
+        assert_eq!(Event::decode(&a.encode()).unwrap(), a);
+        assert!(Event::decode(&Bytes::from_static(b"s x\n")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"m x\n{}")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"garbage")).is_err());
     }
@@ -363,7 +465,7 @@ mod tests {
                 user: UserId::new("ann").unwrap(),
                 text: "line\nbreak ✓".into(),
                 client_id: "c1".into(),
-                reply: "_INBOX.x.1".into(),
+                reply: Some("_INBOX.x.1".into()),
             }],
         };
         let s = serde_json::to_string(&f).unwrap();

@@ -214,6 +214,15 @@ pub enum ServerFrame {
         /// `join` or `leave`.
         state: PresenceState,
     },
+    /// How many users are present in a big (sharded) room, sent instead
+    /// of every member's presence: when the count changes, at most once a
+    /// second.
+    Members {
+        /// The room.
+        room: RoomId,
+        /// Distinct users present.
+        count: u64,
+    },
     /// Reply to `refresh`.
     Refreshed {
         /// New expiry, seconds since the Unix epoch.

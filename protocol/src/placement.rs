@@ -40,7 +40,12 @@ impl Placement {
 
     /// The node that owns `room`, or `None` when no node is live.
     pub fn owner(&self, room: &RoomId) -> Option<NodeId> {
-        let key = room.as_str();
+        self.owner_of(room.as_str())
+    }
+
+    /// The node that owns placement key `key`: a room name, or a member
+    /// shard's `room#k` (`crate::shard::shard_key`).
+    pub fn owner_of(&self, key: &str) -> Option<NodeId> {
         let owner = self.ring.try_get(key)?;
         self.nodes.iter().find(|n| n.as_str() == owner).cloned()
     }

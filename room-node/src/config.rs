@@ -168,6 +168,7 @@ impl Config {
             },
             high_water: self.buffer_high_water,
             idle_timeout: Duration::from_secs(self.room_idle_secs),
+            shard_threshold: self.shard_threshold,
             ..RoomConfig::default()
         }
     }

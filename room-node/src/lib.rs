@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod node;
 pub mod ratelimit;
 pub mod room;
+pub mod shard;
 pub mod store;
 pub mod telemetry;
 pub mod writer;

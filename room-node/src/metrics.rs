@@ -53,6 +53,18 @@ pub struct NodeMetrics {
     pub ring_size: IntGauge,
     /// Commands by outcome: `ok`, `not_owner`, `busy`, `bad`.
     pub commands: IntCounterVec,
+    /// Rooms sequenced here that are split into member shards.
+    pub sharded_rooms: IntGauge,
+    /// Member shard actors running on this node.
+    pub member_shards: IntGauge,
+    /// Splits (a room split, or split into more shards).
+    pub splits: IntCounter,
+    /// Time a split took at the sequencer (record, hand over, announce).
+    pub split_seconds: Histogram,
+    /// Users present per member shard, at each shard's report.
+    pub shard_members: Histogram,
+    /// Sends member shards forwarded to sequencers.
+    pub forwarded: IntCounter,
 }
 
 /// The process-wide instance.
@@ -63,7 +75,42 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
     let size_buckets = vec![
         1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
     ];
+    let members_buckets = vec![
+        1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 7500.0, 10000.0,
+    ];
     NodeMetrics {
+        sharded_rooms: register_int_gauge!(
+            "chat_room_sharded_rooms",
+            "Rooms sequenced on this node that are split into member shards"
+        )
+        .unwrap(),
+        member_shards: register_int_gauge!(
+            "chat_room_member_shards",
+            "Member shard actors running on this node"
+        )
+        .unwrap(),
+        splits: register_int_counter!(
+            "chat_room_splits_total",
+            "Rooms split into member shards, or into more of them"
+        )
+        .unwrap(),
+        split_seconds: register_histogram!(
+            "chat_room_split_duration_seconds",
+            "Time a split took at the sequencer (record, hand over, announce)",
+            flush_buckets.clone()
+        )
+        .unwrap(),
+        shard_members: register_histogram!(
+            "chat_room_shard_members",
+            "Users present per member shard, at each shard's report",
+            members_buckets
+        )
+        .unwrap(),
+        forwarded: register_int_counter!(
+            "chat_room_forwarded_sends_total",
+            "Sends member shards forwarded to sequencers"
+        )
+        .unwrap(),
         active_rooms: register_int_gauge!("chat_room_active_rooms", "Room actors running").unwrap(),
         members: register_int_gauge!(
             "chat_room_members",

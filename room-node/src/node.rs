@@ -21,6 +21,7 @@ use crate::lease::LeaseTable;
 use crate::membership;
 use crate::metrics::METRICS;
 use crate::room::{self, RoomCommand, RoomConfig, RoomDeps, RoomHandle};
+use crate::shard::{self, ShardCommand, ShardDeps, ShardHandle};
 use crate::store::Store;
 use crate::writer;
 use crate::{Error, Result};
@@ -128,6 +129,14 @@ pub async fn serve(
     let rooms_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut rooms: HashMap<RoomId, Entry> = HashMap::new();
+    let shard_deps = ShardDeps {
+        bus: bus.clone(),
+        subjects: settings.subjects.clone(),
+        placement: placement.clone(),
+        config: deps.config.clone(),
+        node_id: me.clone(),
+    };
+    let mut shards: Shards = HashMap::new();
     // Our own copy, so no watch guard is held across an await.
     let mut current = placement.borrow_and_update().clone();
     // Set here, not in the shared ring watcher: gateways watch the ring too
@@ -143,7 +152,8 @@ pub async fn serve(
                     tracing::error!("inbox subscription ended");
                     break;
                 };
-                dispatch(&me, &current, &deps, &bus, &mut rooms, &tracker, &rooms_cancel, msg).await;
+                let mut here = Here { rooms: &mut rooms, shards: &mut shards };
+                dispatch(&me, &current, &deps, &shard_deps, &bus, &mut here, &tracker, &rooms_cancel, msg).await;
             }
             Some((room, processed)) = idle_rx.recv() => {
                 if rooms.get(&room).is_some_and(|e| e.sent == processed) {
@@ -164,6 +174,11 @@ pub async fn serve(
                     }
                     keep
                 });
+                // A shard that moved ends; gateways re-register its members
+                // with the new owner when they see the ring change.
+                shards.retain(|(room, k), _| {
+                    current.owner_of(&chat_protocol::shard::shard_key(room, *k)).as_ref() == Some(&me)
+                });
             }
             changed = gateways.changed() => {
                 if changed.is_err() { break; }
@@ -174,6 +189,11 @@ pub async fn serve(
                         match e.handle.try_send(RoomCommand::GatewayGone(gone.clone())) {
                             Ok(()) => e.sent += 1,
                             Err(err) => tracing::warn!(error = %err, "room too busy to drop a dead gateway's members"),
+                        }
+                    }
+                    for s in shards.values() {
+                        if let Err(err) = s.try_send(ShardCommand::GatewayGone(gone.clone())) {
+                            tracing::warn!(error = %err, "shard too busy to drop a dead gateway's members");
                         }
                     }
                 }
@@ -189,6 +209,8 @@ pub async fn serve(
     tracing::info!(rooms = rooms.len(), "draining: flushing every room");
     rooms_cancel.cancel();
     rooms.clear();
+    shards.clear();
+    drop(shard_deps);
     drop(deps);
     tracker.close();
     let grace = settings.shutdown_grace;
@@ -242,17 +264,28 @@ pub async fn serve(
 /// a node stopped while NATS was down never exited.
 pub const FAREWELL: Duration = Duration::from_secs(5);
 
+/// Member shard actors on this node, by room and shard.
+type Shards = HashMap<(RoomId, u32), ShardHandle>;
+
+/// The actors this node runs.
+struct Here<'a> {
+    rooms: &'a mut HashMap<RoomId, Entry>,
+    shards: &'a mut Shards,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
     me: &NodeId,
     placement: &Placement,
     deps: &RoomDeps,
+    shard_deps: &ShardDeps,
     bus: &Arc<dyn Bus>,
-    rooms: &mut HashMap<RoomId, Entry>,
+    here: &mut Here<'_>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
     msg: BusMessage,
 ) {
+    let rooms = &mut *here.rooms;
     let reply = msg.reply;
     let req: NodeRequest = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
@@ -268,9 +301,23 @@ async fn dispatch(
         }
     };
     let room = req.room().clone();
-    if placement.owner(&room).as_ref() != Some(me) {
+    if placement.owner_of(&req.placement_key()).as_ref() != Some(me) {
         METRICS.commands.with_label_values(&["not_owner"]).inc();
         answer(bus, reply, &ReplyHead::NotOwner).await;
+        return;
+    }
+    if let NodeRequest::Shard { shard, shards, req } = req {
+        to_shard(
+            (room, shard, shards),
+            req,
+            reply,
+            shard_deps,
+            bus,
+            here.shards,
+            tracker,
+            cancel,
+        )
+        .await;
         return;
     }
     let mut cmd = RoomCommand::Request { req, reply };
@@ -305,6 +352,69 @@ async fn dispatch(
             Err(mpsc::error::TrySendError::Full(_)) => return,
             Err(mpsc::error::TrySendError::Closed(c)) => {
                 rooms.remove(&room);
+                cmd = c;
+            }
+        }
+    }
+}
+
+/// Hands a member request to its shard actor, starting it on first use.
+#[allow(clippy::too_many_arguments)]
+async fn to_shard(
+    (room, index, count): (RoomId, u32, u32),
+    req: Box<NodeRequest>,
+    reply: Option<String>,
+    deps: &ShardDeps,
+    bus: &Arc<dyn Bus>,
+    shards: &mut Shards,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    if index >= count || count > room::MAX_SHARDS {
+        METRICS.commands.with_label_values(&["bad"]).inc();
+        let head = ReplyHead::Error {
+            code: ErrorCode::BadFrame,
+            message: format!("no member shard {index} of {count}"),
+            retry_after_ms: None,
+        };
+        answer(bus, reply, &head).await;
+        return;
+    }
+    let mut cmd = ShardCommand::Request {
+        req,
+        shards: count,
+        reply,
+    };
+    for _ in 0..2 {
+        let handle = shards.entry((room.clone(), index)).or_insert_with(|| {
+            let (handle, task) =
+                shard::spawn(room.clone(), index, count, deps.clone(), cancel.clone());
+            tracker.spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "member shard actor failed");
+                }
+            });
+            handle
+        });
+        match handle.try_send(cmd) {
+            Ok(()) => {
+                METRICS.commands.with_label_values(&["ok"]).inc();
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(ShardCommand::Request { reply, .. })) => {
+                METRICS.commands.with_label_values(&["busy"]).inc();
+                let head = ReplyHead::Error {
+                    code: ErrorCode::Overloaded,
+                    message: "room shard is busy; retry shortly".into(),
+                    retry_after_ms: Some(100),
+                };
+                answer(bus, reply, &head).await;
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => return,
+            Err(mpsc::error::TrySendError::Closed(c)) => {
+                // It ended (idle): start a fresh one.
+                shards.remove(&(room.clone(), index));
                 cmd = c;
             }
         }

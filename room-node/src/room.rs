@@ -57,6 +57,8 @@ pub struct RoomConfig {
     pub recent: usize,
     /// `(user, client_id)` pairs remembered for dedup without the database.
     pub dedup_window: usize,
+    /// Users present above which a room is split into member shards.
+    pub shard_threshold: usize,
 }
 
 impl Default for RoomConfig {
@@ -64,6 +66,7 @@ impl Default for RoomConfig {
         Self {
             flush_batch: 50,
             flush_interval: Duration::from_millis(5),
+            shard_threshold: 5000,
             rate: RateLimit {
                 per_sec: 10.0,
                 burst: 20.0,
@@ -198,6 +201,32 @@ struct RoomActor {
     processed: u64,
     idle_since: Option<Instant>,
     stats: RoomStats,
+    /// Member shards the room is split into (1: not split).
+    shards: u32,
+    /// Users present per member shard, as each shard last reported.
+    shard_counts: HashMap<u32, u64>,
+    /// The member count last announced to a sharded room.
+    announced: u64,
+    /// When the next `members` announcement may go out, if one is due.
+    announce_at: Option<Instant>,
+    /// When the room was last split.
+    split_at: Option<Instant>,
+}
+
+/// How long after a split the shard counts settle before the next split.
+const SPLIT_SETTLE: Duration = Duration::from_secs(2);
+/// Most often a split room announces its member count.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+/// Most member shards a room is split into.
+pub const MAX_SHARDS: u32 = 1024;
+
+/// How many member shards `members` users need: enough that each starts at
+/// about half the threshold, so the room grows a while before the next
+/// split; at least 2.
+pub fn shards_for(members: usize, threshold: usize) -> u32 {
+    let per = (threshold / 2).max(1);
+    let n = members.div_ceil(per).max(2);
+    u32::try_from(n).unwrap_or(MAX_SHARDS).min(MAX_SHARDS)
 }
 
 /// Whether a send still needs the per-user rate limit: a member shard of
@@ -248,6 +277,11 @@ impl RoomActor {
             user_conns: HashMap::new(),
             buffer: VecDeque::new(),
             inflight: None,
+            shards: 1,
+            shard_counts: HashMap::new(),
+            announced: 0,
+            announce_at: None,
+            split_at: None,
             alarm: None,
             alarm_fired: false,
             dedup: HashMap::new(),
@@ -331,6 +365,10 @@ impl RoomActor {
                     // If the node is busy it will ask again later.
                     let _ = self.deps.idle.try_send((self.room.clone(), self.processed));
                 }
+                _ = tokio::time::sleep_until(self.announce_at.unwrap_or_else(Instant::now)), if self.announce_at.is_some() => {
+                    self.announce_at = None;
+                    self.announce().await;
+                }
                 _ = cancel.cancelled(), if !self.stopping => {
                     self.stopping = true;
                 }
@@ -355,6 +393,9 @@ impl RoomActor {
         }
         self.deps.leases.remove(&self.room, self.epoch);
         self.refuse_queued().await;
+        if self.shards > 1 {
+            METRICS.sharded_rooms.dec();
+        }
         METRICS.active_rooms.dec();
         METRICS.members.sub(self.members.len() as i64);
         self.stats
@@ -461,10 +502,18 @@ impl RoomActor {
         for (user, cid, seq, id) in snap.dedup {
             self.remember(user, cid, seq, id);
         }
+        if snap.shards > 1 {
+            // Its shards report their members as they hear from gateways.
+            self.shards = snap.shards;
+            METRICS.sharded_rooms.inc();
+        }
     }
 
     fn update_idle(&mut self) {
-        let idle = self.members.is_empty() && self.buffer.is_empty() && self.inflight.is_none();
+        let idle = self.members.is_empty()
+            && self.shard_counts.values().all(|&n| n == 0)
+            && self.buffer.is_empty()
+            && self.inflight.is_none();
         match (idle, self.idle_since) {
             (true, None) => self.idle_since = Some(Instant::now()),
             (false, Some(_)) => self.idle_since = None,
@@ -511,9 +560,10 @@ impl RoomActor {
             }
             NodeRequest::Forward { sends, .. } => {
                 let accepted = u32::try_from(sends.len()).unwrap_or(u32::MAX);
+                METRICS.forwarded.inc_by(u64::from(accepted));
                 for s in sends {
                     // The shard limited its own members' rates.
-                    self.on_send(s.user, s.text, s.client_id, Some(s.reply), Limit::Done)
+                    self.on_send(s.user, s.text, s.client_id, s.reply, Limit::Done)
                         .await;
                 }
                 self.reply(reply, &ReplyHead::Forwarded { accepted }, &[])
@@ -535,8 +585,32 @@ impl RoomActor {
                 conn,
                 ..
             } => {
+                let was_here = self.members.contains_key(&(gateway.clone(), conn));
                 self.on_leave(&gateway, conn, &user).await;
-                self.reply(reply, &ReplyHead::Left, &[]).await;
+                let head = if self.shards > 1 && !was_here {
+                    // The member is registered at its shard.
+                    ReplyHead::Sharded {
+                        shards: self.shards,
+                    }
+                } else {
+                    ReplyHead::Left
+                };
+                self.reply(reply, &head, &[]).await;
+            }
+            NodeRequest::Backlog { since, .. } => {
+                let members = self.present();
+                self.answer_join(reply, since, false, members).await;
+            }
+            NodeRequest::Count {
+                shard,
+                shards,
+                members,
+                ..
+            } => self.on_count(shard, shards, members).await,
+            NodeRequest::Shard { .. } => {
+                // The node hands shard requests to shard actors, never here.
+                self.error(reply, ErrorCode::Internal, "misrouted shard request", None)
+                    .await;
             }
             NodeRequest::History {
                 before,
@@ -956,6 +1030,14 @@ impl RoomActor {
         quiet: bool,
         reply: Option<String>,
     ) {
+        if self.shards > 1 {
+            // Members of a split room register at their shard.
+            let head = ReplyHead::Sharded {
+                shards: self.shards,
+            };
+            self.reply(reply, &head, &[]).await;
+            return;
+        }
         if self.members.insert((gateway, conn), user.clone()).is_none() {
             METRICS.members.inc();
             let n = self.user_conns.entry(user.clone()).or_insert(0);
@@ -964,8 +1046,33 @@ impl RoomActor {
                 self.presence(user, PresenceState::Join).await;
             }
         }
+        let members = self.present();
+        self.answer_join(reply, since, quiet, members).await;
+        if self.user_conns.len() > self.deps.config.shard_threshold {
+            let want = shards_for(self.user_conns.len(), self.deps.config.shard_threshold);
+            self.split(want).await;
+        }
+    }
+
+    /// Users present: the roster's, or in a split room the shards' sum.
+    fn present(&self) -> u64 {
+        if self.shards > 1 {
+            self.shard_counts.values().sum()
+        } else {
+            self.user_conns.len() as u64
+        }
+    }
+
+    /// Answers a join (or a shard's backlog request): `joined` with the
+    /// room's `last_seq` and `members`, and the backlog after `since`.
+    async fn answer_join(
+        &mut self,
+        reply: Option<String>,
+        since: Option<u64>,
+        quiet: bool,
+        members: u64,
+    ) {
         let last = self.last_seq;
-        let members = self.user_conns.len() as u64;
         if quiet {
             let head = ReplyHead::Joined {
                 last_seq: last,
@@ -1009,6 +1116,118 @@ impl RoomActor {
                 frames,
             )
         });
+    }
+
+    /// Splits the room's members over `shards` member shards (or more of
+    /// them): records the count under the lease, hands the roster over
+    /// (gateways re-register their members at the shards when they hear
+    /// the count) and tells every gateway. Sequencing is untouched: sends
+    /// keep flowing, direct or through shards, into the same buffer.
+    async fn split(&mut self, shards: u32) {
+        if shards <= self.shards {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self
+            .deps
+            .store
+            .set_shards(&self.room, &self.deps.node_id, self.epoch, shards)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(room = %self.room, "split fenced: another node owns the room");
+                return;
+            }
+            Err(e) => {
+                // The next join or count report tries again.
+                tracing::warn!(room = %self.room, error = %e, "cannot record the split; retrying later");
+                return;
+            }
+        }
+        let before = self.shards;
+        if before == 1 {
+            // Until the shards report, count the roster by shard.
+            self.shard_counts.clear();
+            for user in self.user_conns.keys() {
+                *self
+                    .shard_counts
+                    .entry(chat_protocol::shard::user_shard(user, shards))
+                    .or_insert(0) += 1;
+            }
+            METRICS.members.sub(self.members.len() as i64);
+            self.members.clear();
+            self.user_conns.clear();
+            METRICS.sharded_rooms.inc();
+        }
+        // After a regrowth the old counts stand until each shard, told the
+        // new count by the gateways' re-registrations, reports again.
+        self.shards = shards;
+        self.split_at = Some(Instant::now());
+        METRICS.splits.inc();
+        tracing::info!(room = %self.room, from = before, to = shards, members = self.present(), "room split into member shards");
+        let event = Event::Shards { count: shards }.encode();
+        if let Err(e) = self
+            .deps
+            .bus
+            .publish(self.events_subject.clone(), event)
+            .await
+        {
+            // Gateways also learn it from `sharded` answers.
+            tracing::warn!(room = %self.room, error = %e, "split announcement lost");
+        }
+        METRICS
+            .split_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.schedule_announce();
+    }
+
+    /// A member shard's count: updates the total, grows the shard count
+    /// when a shard is past the threshold.
+    async fn on_count(&mut self, shard: u32, shards: u32, members: u64) {
+        if shards != self.shards || shard >= self.shards {
+            return; // counted under an older split; a fresh report follows
+        }
+        METRICS.shard_members.observe(members as f64);
+        self.shard_counts.insert(shard, members);
+        self.schedule_announce();
+        let threshold = self.deps.config.shard_threshold;
+        // Shards settle after a split (members re-register, counts are
+        // reported anew) before the next one is considered.
+        let settled = self.split_at.is_none_or(|t| t.elapsed() >= SPLIT_SETTLE);
+        if settled && members as usize > threshold {
+            let want = shards_for(self.present() as usize, threshold).max(self.shards + 1);
+            self.split(want).await;
+        }
+    }
+
+    /// Arms the (single) announcement of a split room's member count.
+    fn schedule_announce(&mut self) {
+        if self.shards > 1 && self.announce_at.is_none() && self.present() != self.announced {
+            self.announce_at = Some(Instant::now() + ANNOUNCE_EVERY);
+        }
+    }
+
+    /// Tells every member of a split room how many users are present.
+    async fn announce(&mut self) {
+        let count = self.present();
+        if self.shards <= 1 || count == self.announced {
+            return;
+        }
+        self.announced = count;
+        let frame = ServerFrame::Members {
+            room: self.room.clone(),
+            count,
+        }
+        .to_bytes();
+        if let Err(e) = self
+            .deps
+            .bus
+            .publish(self.events_subject.clone(), Event::ToAll { frame }.encode())
+            .await
+        {
+            tracing::warn!(room = %self.room, error = %e, "member count announcement lost");
+        }
     }
 
     async fn on_leave(&mut self, gateway: &NodeId, conn: u64, user: &UserId) {

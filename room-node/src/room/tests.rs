@@ -307,7 +307,7 @@ async fn next_event(h: &mut Harness, wait: Duration) -> Option<u64> {
     let m = tokio::time::timeout(wait, h.events.next()).await.ok()??;
     match Event::decode(&m.payload).unwrap() {
         Event::Message { seq, .. } => Some(seq),
-        Event::Presence { .. } => None,
+        Event::Presence { .. } | Event::Shards { .. } | Event::ToAll { .. } => None,
         // The actor announces itself once it serves: skip to the next.
         Event::Resync => Box::pin(next_event(h, wait)).await,
     }
@@ -774,7 +774,7 @@ fn forward(h: &Harness, sends: &[(&str, &str, &str)]) {
                 user: UserId::new(user).unwrap(),
                 text: format!("text of {cid}"),
                 client_id: (*cid).into(),
-                reply: (*reply).into(),
+                reply: Some((*reply).into()),
             })
             .collect(),
     };
@@ -872,4 +872,116 @@ async fn forwarded_sends_are_sequenced_in_order_and_acked_at_their_own_reply() {
     let (_, store) = stop(h).await;
     let seqs: Vec<u64> = store.rows("r").iter().map(|m| m.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4], "gap-free, no duplicate");
+}
+
+fn join(h: &Harness, user: &str, conn: u64, reply: &str) {
+    let req = NodeRequest::Join {
+        room: room(),
+        user: UserId::new(user).unwrap(),
+        gateway: NodeId::new("g").unwrap(),
+        conn,
+        since: None,
+        quiet: false,
+    };
+    h.handle
+        .try_send(RoomCommand::Request {
+            req,
+            reply: Some(reply.into()),
+        })
+        .unwrap();
+}
+
+/// The next room event that is not a message or a resync.
+async fn next_room_event(h: &mut Harness) -> Event {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), h.events.next())
+            .await
+            .expect("an event in time")
+            .expect("subscription open");
+        match Event::decode(&m.payload).unwrap() {
+            Event::Resync | Event::Message { .. } | Event::Presence { .. } => {}
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_room_past_the_threshold_splits_and_hands_its_members_to_shards() {
+    let cfg = RoomConfig {
+        shard_threshold: 3,
+        ..config()
+    };
+    let store = FakeStore::default();
+    let mut h = harness(store, cfg).await;
+    let mut joins = h.bus.subscribe("j".into()).await.unwrap();
+    for (i, user) in ["ann", "bob", "cid", "dan"].iter().enumerate() {
+        join(&h, user, i as u64, "j");
+        assert!(matches!(
+            reply_on(&mut joins).await,
+            ReplyHead::Joined { .. }
+        ));
+    }
+    // The fourth user is past the threshold of 3: the room splits into
+    // shards of about half the threshold each.
+    let want = shards_for(4, 3);
+    assert_eq!(want, 4);
+    assert_eq!(next_room_event(&mut h).await, Event::Shards { count: want });
+    assert_eq!(
+        h.store.state.lock().unwrap().shards.get("r").copied(),
+        Some(want),
+        "the count is stored under the lease"
+    );
+    // Members now register at their shard ...
+    join(&h, "eve", 9, "j");
+    assert_eq!(
+        reply_on(&mut joins).await,
+        ReplyHead::Sharded { shards: want }
+    );
+    // ... which asks the sequencer for the backlog: the count so far is
+    // the roster's, by shard.
+    h.handle
+        .try_send(RoomCommand::Request {
+            req: NodeRequest::Backlog {
+                room: room(),
+                since: None,
+            },
+            reply: Some("j".into()),
+        })
+        .unwrap();
+    match reply_on(&mut joins).await {
+        ReplyHead::Joined { members, .. } => assert_eq!(members, 4),
+        other => panic!("expected joined, got {other:?}"),
+    }
+    // Shards report their counts; the total is announced to every member.
+    let mut reports: HashMap<u32, u64> = HashMap::new();
+    for user in ["ann", "bob", "cid", "dan", "eve", "fay"] {
+        let k = chat_protocol::shard::user_shard(&UserId::new(user).unwrap(), want);
+        *reports.entry(k).or_insert(0) += 1;
+    }
+    for (&shard, &members) in &reports {
+        h.handle
+            .try_send(RoomCommand::Request {
+                req: NodeRequest::Count {
+                    room: room(),
+                    shard,
+                    shards: want,
+                    members,
+                },
+                reply: None,
+            })
+            .unwrap();
+    }
+    match next_room_event(&mut h).await {
+        Event::ToAll { frame } => {
+            let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+            assert_eq!(v["type"], "members");
+            assert_eq!(v["count"], 6, "{v}");
+        }
+        other => panic!("expected the member count, got {other:?}"),
+    }
+    // Sends still go straight to the sequencer and keep one sequence.
+    send(&h, "ann", "x1");
+    assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
+    let (_, store) = stop(h).await;
+    assert_eq!(store.rows("r").len(), 1);
 }

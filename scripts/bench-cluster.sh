@@ -12,6 +12,7 @@
 #   SERVER_CPU=0 LOAD_CPU=1   cores for the server side and the tool
 #   PG_FSYNC=on               Postgres fsync (on: every ack is durable)
 #   KEEP=1                    keep the work directory (logs) afterwards
+#   SERVER_LOG=warn           RUST_LOG of both servers (e.g. to time a split)
 # Needs: cargo build --release --workspace --bins; nats-server (>= 2.10)
 # at target/tools/venv/bin/nats-server (./scripts/test.sh installs it) or
 # NATS_SERVER; Postgres binaries under /usr/lib/postgresql; root (for
@@ -88,12 +89,12 @@ SETTINGS=$(env | grep -E '^CHAT_' | grep -vE '^CHAT_(NATS_URL|SUBJECT_PREFIX|JWT
 
 echo "[bench] room node, admin :$ADMIN_PORT"
 CHAT_NODE_ID=bench-node CHAT_ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT \
-  CHAT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/$DB RUST_LOG=warn \
+  CHAT_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/$DB RUST_LOG="${SERVER_LOG:-warn}" \
   taskset -c "$SERVER_CPU" "$BIN/chat-room-node" >"$WORK/node.log" 2>&1 &
 PIDS+=($!)
 NODE_PID=$!
 echo "[bench] gateway on :$GW_PORT"
-CHAT_LISTEN=127.0.0.1:$GW_PORT CHAT_DEV_AUTH=true RUST_LOG=warn \
+CHAT_LISTEN=127.0.0.1:$GW_PORT CHAT_DEV_AUTH=true RUST_LOG="${SERVER_LOG:-warn}" \
   taskset -c "$SERVER_CPU" "$BIN/chat-gateway" >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 GW_PID=$!

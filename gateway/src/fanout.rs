@@ -400,9 +400,9 @@ impl RoomTask {
             Ok(Event::Resync) => self.resync(),
             Ok(Event::Shards { count }) => {
                 // The room was split: route its members by shard from now
-                // on and register them there.
+                // on. Learning a larger count re-registers the members at
+                // their shards (through `follow_shards`, once).
                 self.hub.inner.client.learn_shards(&self.room, count);
-                self.resync();
             }
             Ok(Event::ToAll { frame }) => {
                 if let Some(frame) = text(frame) {

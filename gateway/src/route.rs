@@ -14,7 +14,7 @@ use chat_protocol::bus::{decode_reply, NodeRequest, ReplyHead};
 use chat_protocol::placement::Placement;
 use chat_protocol::shard::user_shard;
 use chat_protocol::subjects::Subjects;
-use chat_protocol::{ErrorCode, RoomId, ServerFrame};
+use chat_protocol::{ErrorCode, RoomId, ServerFrame, UserId};
 use chat_room_node::bus::{Bus, BusError};
 use tokio::sync::{broadcast, watch};
 
@@ -96,6 +96,12 @@ struct ShardCounts {
     counts: Mutex<HashMap<RoomId, u32>>,
     /// Rooms whose count grew, so their members are re-registered.
     grew: broadcast::Sender<RoomId>,
+}
+
+/// A reply of the wrong kind, as a routing error.
+fn unexpected(head: ReplyHead) -> RouteError {
+    tracing::warn!(reply = ?head, "unexpected reply to a members request");
+    RouteError::Unavailable("unexpected reply from the room owner".into())
 }
 
 /// Tries of a member request while the room's shard count changes.
@@ -203,6 +209,63 @@ impl NodeClient {
                 }
                 other => return Ok(other),
             }
+        }
+        Err(RouteError::Unavailable(format!(
+            "the member shards of {room} kept changing"
+        )))
+    }
+
+    /// The users present in `room` (sorted, at most `MAX_MEMBER_LIST`) and
+    /// their count: from its owner, or in a split room from every member
+    /// shard, merged.
+    ///
+    /// # Errors
+    /// When an owner or a shard cannot be reached.
+    pub async fn users(&self, room: &RoomId) -> Result<(Vec<UserId>, u64), RouteError> {
+        use futures::stream::{self, StreamExt as _, TryStreamExt as _};
+        let req = NodeRequest::Users { room: room.clone() };
+        for _ in 0..RESHARD_TRIES {
+            let count = self.shard_count(room);
+            if count <= 1 {
+                match self.call_owner(&req).await? {
+                    (ReplyHead::Users { users, count }, _) => return Ok((users, count)),
+                    (ReplyHead::Sharded { shards }, _) => {
+                        self.learn_shards(room, shards);
+                        continue;
+                    }
+                    other => return Err(unexpected(other.0)),
+                }
+            }
+            let parts: Vec<(Vec<UserId>, u64)> = stream::iter(0..count)
+                .map(|k| {
+                    let shard = NodeRequest::Shard {
+                        shard: k,
+                        shards: count,
+                        req: Box::new(req.clone()),
+                    };
+                    async move {
+                        match self.call_owner(&shard).await? {
+                            (ReplyHead::Users { users, count }, _) => Ok(Some((users, count))),
+                            (ReplyHead::Sharded { shards }, _) => {
+                                self.learn_shards(room, shards);
+                                Ok(None)
+                            }
+                            other => Err(unexpected(other.0)),
+                        }
+                    }
+                })
+                .buffer_unordered(8)
+                .try_filter_map(|p| std::future::ready(Ok(p)))
+                .try_collect()
+                .await?;
+            if parts.len() as u32 != count {
+                continue; // the count changed meanwhile: ask again
+            }
+            let total = parts.iter().map(|p| p.1).sum();
+            let mut users: Vec<UserId> = parts.into_iter().flat_map(|p| p.0).collect();
+            users.sort();
+            users.truncate(chat_protocol::frames::MAX_MEMBER_LIST);
+            return Ok((users, total));
         }
         Err(RouteError::Unavailable(format!(
             "the member shards of {room} kept changing"

@@ -294,6 +294,7 @@ impl Session {
             ClientFrame::Send { .. } => "send",
             ClientFrame::History { .. } => "history",
             ClientFrame::Refresh { .. } => "refresh",
+            ClientFrame::Members { .. } => "members",
             ClientFrame::Ping => "ping",
         };
         METRICS.frames_in.with_label_values(&[kind]).inc();
@@ -337,6 +338,29 @@ impl Session {
                 }
             }
             ClientFrame::Refresh { token } => return self.on_refresh(&token).await,
+            ClientFrame::Members { room } => {
+                if !self.joined.contains(&room) {
+                    let msg = format!("join {room} to see who is there");
+                    self.conn
+                        .reply(&ServerFrame::error(ErrorCode::NotJoined, msg))
+                        .await;
+                } else if self.allow("history_rate").await {
+                    // As costly as a history page, so limited like one.
+                    let client = self.state.client.clone();
+                    let conn = self.conn.clone();
+                    tokio::spawn(async move {
+                        let frame = match client.users(&room).await {
+                            Ok((users, count)) => ServerFrame::Members {
+                                room,
+                                count,
+                                users: Some(users),
+                            },
+                            Err(e) => crate::route::failure_frame(Err(e), None, "members"),
+                        };
+                        conn.reply(&frame).await;
+                    });
+                }
+            }
         }
         None
     }

@@ -102,6 +102,12 @@ pub enum NodeRequest {
         /// Distinct users present in the shard.
         members: u64,
     },
+    /// The users present in a room (or, wrapped in [`NodeRequest::Shard`],
+    /// in one member shard), answered [`ReplyHead::Users`].
+    Users {
+        /// The room.
+        room: RoomId,
+    },
     /// A page of committed messages: `after < seq < before`, newest
     /// `limit` of them when only `before` is given, oldest otherwise.
     History {
@@ -126,6 +132,7 @@ impl NodeRequest {
             | Self::Forward { room, .. }
             | Self::Backlog { room, .. }
             | Self::Count { room, .. }
+            | Self::Users { room }
             | Self::History { room, .. } => room,
             Self::Shard { req, .. } => req.room(),
         }
@@ -205,6 +212,13 @@ pub enum ReplyHead {
     Sharded {
         /// The current shard count.
         shards: u32,
+    },
+    /// The users present (sorted, at most `MAX_MEMBER_LIST`).
+    Users {
+        /// The users.
+        users: Vec<UserId>,
+        /// How many there are in all.
+        count: u64,
     },
     /// History page; message frames follow in seq order.
     History {

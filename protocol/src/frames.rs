@@ -14,6 +14,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const DEFAULT_BACKLOG: u32 = 50;
 /// Largest `limit` a `history` request may ask for.
 pub const MAX_HISTORY_LIMIT: u32 = 100;
+/// Most users a `members` answer lists (a big room's full roster would
+/// not fit in a frame; the count is always exact).
+pub const MAX_MEMBER_LIST: usize = 1000;
 /// Longest accepted `client_id`, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 
@@ -79,6 +82,12 @@ pub enum ClientFrame {
         /// At most this many (capped at 100).
         #[serde(default)]
         limit: Option<u32>,
+    },
+    /// Who is present in a joined room: answered by `members` with the
+    /// users (at most [`MAX_MEMBER_LIST`]) and the count.
+    Members {
+        /// The room (must be joined).
+        room: RoomId,
     },
     /// Replace the connection's token.
     Refresh {
@@ -222,6 +231,10 @@ pub enum ServerFrame {
         room: RoomId,
         /// Distinct users present.
         count: u64,
+        /// The users, sorted, when a client asked (at most
+        /// [`MAX_MEMBER_LIST`]; fewer than `count` means the list is cut).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        users: Option<Vec<UserId>>,
     },
     /// Reply to `refresh`.
     Refreshed {

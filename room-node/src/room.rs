@@ -213,6 +213,15 @@ struct RoomActor {
     split_at: Option<Instant>,
 }
 
+/// The `users` answer for a roster: sorted, at most `MAX_MEMBER_LIST`.
+pub fn user_list<'a>(users: impl Iterator<Item = &'a UserId>) -> ReplyHead {
+    let mut users: Vec<UserId> = users.cloned().collect();
+    users.sort();
+    let count = users.len() as u64;
+    users.truncate(chat_protocol::frames::MAX_MEMBER_LIST);
+    ReplyHead::Users { users, count }
+}
+
 /// How long after a split the shard counts settle before the next split.
 const SPLIT_SETTLE: Duration = Duration::from_secs(2);
 /// Most often a split room announces its member count.
@@ -594,6 +603,17 @@ impl RoomActor {
                     }
                 } else {
                     ReplyHead::Left
+                };
+                self.reply(reply, &head, &[]).await;
+            }
+            NodeRequest::Users { .. } => {
+                let head = if self.shards > 1 {
+                    // Each shard knows its own members.
+                    ReplyHead::Sharded {
+                        shards: self.shards,
+                    }
+                } else {
+                    user_list(self.user_conns.keys())
                 };
                 self.reply(reply, &head, &[]).await;
             }
@@ -1218,6 +1238,7 @@ impl RoomActor {
         let frame = ServerFrame::Members {
             room: self.room.clone(),
             count,
+            users: None,
         }
         .to_bytes();
         if let Err(e) = self

@@ -256,6 +256,10 @@ impl ShardActor {
                 client_id,
                 ..
             } => self.on_send(user, text, client_id, reply).await,
+            NodeRequest::Users { .. } => {
+                let head = crate::room::user_list(self.user_conns.keys());
+                self.answer(reply, &head).await;
+            }
             _ => {
                 let head = ReplyHead::Error {
                     code: ErrorCode::BadFrame,

@@ -11,7 +11,7 @@ use chat_protocol::placement::Placement;
 use chat_protocol::shard::{shard_key, user_shard};
 use chat_protocol::{NodeId, RoomId, UserId};
 use chat_tests::{metric, wait_for, Client, TestCluster};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::watch;
 
 const ROOM: &str = "launch";
@@ -159,6 +159,26 @@ async fn grow_split_kill() -> anyhow::Result<()> {
     for _ in 0..10 {
         ready_rx.recv().await.context("member ready")?;
     }
+    // Who is here, in the room before its split: its owner's roster.
+    let mut early = Client::connect(&cluster.ws_url(1, "early")).await?;
+    early
+        .send_json(json!({"type": "join", "room": ROOM}))
+        .await?;
+    early.recv_until(WAIT, |f| f["type"] == "joined").await?;
+    early
+        .send_json(json!({"type": "members", "room": ROOM}))
+        .await?;
+    let who = early
+        .recv_until(WAIT, |f| f["type"] == "members" && f.get("users").is_some())
+        .await?;
+    let mut want: Vec<String> = names.iter().take(10).cloned().collect();
+    want.push("early".into());
+    want.sort();
+    ensure!(
+        who["count"] == 11 && who["users"] == json!(want),
+        "before the split: {who}"
+    );
+
     let senders: Vec<_> = (0..3)
         .map(|i| {
             tokio::spawn(sender(
@@ -220,7 +240,7 @@ async fn grow_split_kill() -> anyhow::Result<()> {
 
     // The count of users present reaches everyone, summarised: a fresh
     // member is told 300 + 3 senders + itself.
-    let total = names.len() + 3 + 1;
+    let total = names.len() + 3 + 2;
     let mut late = Client::connect(&cluster.ws_url(0, "late")).await?;
     late.send_json(json!({"type": "join", "room": ROOM}))
         .await?;
@@ -233,6 +253,32 @@ async fn grow_split_kill() -> anyhow::Result<()> {
     ensure!(
         !late.skipped.iter().any(|f| f["type"] == "presence"),
         "a sharded room sent per-user presence"
+    );
+    // Who is here, in the split room: every shard's members, merged.
+    late.send_json(json!({"type": "members", "room": ROOM}))
+        .await?;
+    let who = late
+        .recv_until(WAIT, |f| f["type"] == "members" && f.get("users").is_some())
+        .await?;
+    let listed: Vec<&str> = who["users"]
+        .as_array()
+        .context("users")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        who["count"].as_u64() == Some(total as u64) && listed.len() == total,
+        "after the split: count {} with {} users listed",
+        who["count"],
+        listed.len()
+    );
+    ensure!(
+        listed.windows(2).all(|w| w[0] < w[1]),
+        "sorted, no duplicate"
+    );
+    ensure!(
+        listed.contains(&"late") && listed.contains(&"m299") && listed.contains(&"s2"),
+        "members missing from the list"
     );
 
     eprintln!("[big_rooms] grown and split; killing a shard node");

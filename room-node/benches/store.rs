@@ -66,7 +66,7 @@ fn batch_insert(c: &mut Criterion) {
             for r in &names {
                 e.push(
                     store
-                        .acquire_lease(r, &owner, TTL)
+                        .acquire_lease(r.as_str(), &owner, TTL)
                         .await
                         .expect("lease")
                         .expect("lease free"),

@@ -1,5 +1,6 @@
-//! The leases this node holds, renewed in bulk. Each room actor takes its
-//! lease before serving (see `room.rs`) and registers it here; one task
+//! The leases this node holds, renewed in bulk. Each room actor and member
+//! shard actor takes its lease before serving (see `room.rs`, `shard.rs`)
+//! and registers it here under its key (the room, or `room#k`); one task
 //! renews them all in one statement every third of the TTL and tells the
 //! actors whose lease another node took.
 
@@ -7,21 +8,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chat_protocol::{NodeId, RoomId};
+use chat_protocol::NodeId;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::METRICS;
 use crate::store::Store;
 
-/// Leases held by this node: room → (epoch, fires when the lease is lost).
+/// Leases held by this node: key → (epoch, fires when the lease is lost).
 #[derive(Debug, Default)]
 pub struct LeaseTable {
-    inner: Mutex<HashMap<RoomId, (u64, CancellationToken)>>,
+    inner: Mutex<HashMap<String, (u64, CancellationToken)>>,
 }
 
 impl LeaseTable {
     /// Records a lease just taken; the token fires if it is lost.
-    pub fn insert(&self, room: RoomId, epoch: u64) -> CancellationToken {
+    pub fn insert(&self, room: String, epoch: u64) -> CancellationToken {
         let token = CancellationToken::new();
         let old = self
             .inner
@@ -35,7 +36,7 @@ impl LeaseTable {
     }
 
     /// Forgets a lease (released, or lost), if it is still at `epoch`.
-    pub fn remove(&self, room: &RoomId, epoch: u64) {
+    pub fn remove(&self, room: &str, epoch: u64) {
         let mut inner = self.inner.lock().expect("lease lock");
         if inner.get(room).is_some_and(|(e, _)| *e == epoch) {
             inner.remove(room);
@@ -44,7 +45,7 @@ impl LeaseTable {
     }
 
     /// Every lease, for renewal.
-    pub fn snapshot(&self) -> Vec<(RoomId, u64)> {
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
         self.inner
             .lock()
             .expect("lease lock")
@@ -55,7 +56,7 @@ impl LeaseTable {
 
     /// After a renewal of `renewed` found only `held` still ours: signal
     /// the rooms that lost theirs.
-    fn mark_lost(&self, renewed: &[(RoomId, u64)], held: &[RoomId]) {
+    fn mark_lost(&self, renewed: &[(String, u64)], held: &[String]) {
         let inner = self.inner.lock().expect("lease lock");
         for (room, epoch) in renewed {
             if held.contains(room) {
@@ -104,8 +105,8 @@ mod tests {
     #[test]
     fn lost_leases_fire_their_token_only() {
         let t = LeaseTable::default();
-        let a = RoomId::new("a").unwrap();
-        let b = RoomId::new("b").unwrap();
+        let a = "a".to_owned();
+        let b = "b#1".to_owned();
         let ta = t.insert(a.clone(), 3);
         let tb = t.insert(b.clone(), 1);
         let snap = t.snapshot();

@@ -170,8 +170,11 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
             "Room batches not written because another node holds the lease"
         )
         .unwrap(),
-        leases_held: register_int_gauge!("chat_room_leases_held", "Room leases held by this node")
-            .unwrap(),
+        leases_held: register_int_gauge!(
+            "chat_room_leases_held",
+            "Leases held by this node (rooms and member shards)"
+        )
+        .unwrap(),
         handoffs: register_int_counter_vec!(
             "chat_room_handoffs_total",
             "Rooms given up by reason",

@@ -135,6 +135,9 @@ pub async fn serve(
         placement: placement.clone(),
         config: deps.config.clone(),
         node_id: me.clone(),
+        store: store.clone(),
+        leases: deps.leases.clone(),
+        lease_ttl,
     };
     let mut shards: Shards = HashMap::new();
     // Our own copy, so no watch guard is held across an await.

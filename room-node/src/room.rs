@@ -394,13 +394,13 @@ impl RoomActor {
             if let Err(e) = self
                 .deps
                 .store
-                .release_lease(&self.room, &self.deps.node_id, self.epoch)
+                .release_lease(self.room.as_str(), &self.deps.node_id, self.epoch)
                 .await
             {
                 tracing::warn!(room = %self.room, error = %e, "lease release failed; it expires by itself");
             }
         }
-        self.deps.leases.remove(&self.room, self.epoch);
+        self.deps.leases.remove(self.room.as_str(), self.epoch);
         self.refuse_queued().await;
         if self.shards > 1 {
             METRICS.sharded_rooms.dec();
@@ -423,12 +423,15 @@ impl RoomActor {
             match self
                 .deps
                 .store
-                .acquire_lease(&self.room, &self.deps.node_id, self.deps.lease_ttl)
+                .acquire_lease(self.room.as_str(), &self.deps.node_id, self.deps.lease_ttl)
                 .await
             {
                 Ok(Some(epoch)) => {
                     self.epoch = epoch;
-                    self.lease_lost = self.deps.leases.insert(self.room.clone(), epoch);
+                    self.lease_lost = self
+                        .deps
+                        .leases
+                        .insert(self.room.as_str().to_owned(), epoch);
                     tracing::debug!(room = %self.room, epoch, "lease taken");
                     return true;
                 }

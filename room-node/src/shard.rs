@@ -2,8 +2,10 @@
 //! `room#k`, placed on the ring under that key. It owns the roster and the
 //! presence count of the users that hash to it, their rate limits, and
 //! forwards the sends it accepts to the room's sequencer in order, one
-//! batch in flight at a time. It keeps nothing durable: when it moves to
-//! another node, gateways re-register its members there.
+//! batch in flight at a time. It serves under its own lease (key `room#k`
+//! in the lease table), so two nodes never both run one shard, even while
+//! they disagree about the ring. It keeps nothing durable: when it moves
+//! to another node, gateways re-register its members there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chat_protocol::bus::{decode_reply, encode_reply, ForwardedSend, NodeRequest, ReplyHead};
 use chat_protocol::placement::Placement;
-use chat_protocol::shard::user_shard;
+use chat_protocol::shard::{shard_key, user_shard};
 use chat_protocol::subjects::Subjects;
 use chat_protocol::{ErrorCode, NodeId, RoomId, UserId};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -20,9 +22,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
+use crate::lease::LeaseTable;
 use crate::metrics::METRICS;
 use crate::ratelimit::TokenBucket;
 use crate::room::RoomConfig;
+use crate::store::Store;
 
 /// Commands a shard actor may have waiting.
 const MAILBOX: usize = 4096;
@@ -51,8 +55,14 @@ pub struct ShardDeps {
     pub placement: watch::Receiver<Placement>,
     /// Rate limit, idle timeout.
     pub config: Arc<RoomConfig>,
-    /// This node (for logs).
+    /// This node, the owner named in leases.
     pub node_id: NodeId,
+    /// Where the shard's lease is taken.
+    pub store: Arc<dyn Store>,
+    /// Leases held, for bulk renewal.
+    pub leases: Arc<LeaseTable>,
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
 }
 
 /// A command for a shard actor.
@@ -139,6 +149,10 @@ struct ShardActor {
 
 impl ShardActor {
     async fn run(mut self, cancel: CancellationToken) {
+        let key = shard_key(&self.room, self.index);
+        let Some((epoch, lost)) = self.acquire(&key, &cancel).await else {
+            return;
+        };
         METRICS.member_shards.inc();
         let mut idle_since: Option<Instant> = None;
         loop {
@@ -164,6 +178,10 @@ impl ShardActor {
                 }
                 _ = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => break,
                 _ = cancel.cancelled() => break,
+                _ = lost.cancelled() => {
+                    tracing::warn!(shard = %key, "shard lease lost to another node; stopping");
+                    break;
+                }
             }
         }
         // What was accepted is still handed on.
@@ -173,7 +191,53 @@ impl ShardActor {
             }
             self.forward();
         }
+        // Best effort: an unreleased lease expires after its TTL.
+        if let Err(e) = self
+            .deps
+            .store
+            .release_lease(&key, &self.deps.node_id, epoch)
+            .await
+        {
+            tracing::debug!(shard = %key, error = %e, "shard lease release failed; it expires");
+        }
+        self.deps.leases.remove(&key, epoch);
         METRICS.member_shards.dec();
+    }
+
+    /// Takes the shard's lease, waiting out another holder's (a crashed
+    /// node's expires after its TTL). Requests wait in the mailbox
+    /// meanwhile. `None` when the node drops the shard or shuts down.
+    async fn acquire(
+        &mut self,
+        key: &str,
+        cancel: &CancellationToken,
+    ) -> Option<(u64, CancellationToken)> {
+        let mut delay = Duration::from_millis(25);
+        loop {
+            if self.rx.is_closed() || cancel.is_cancelled() {
+                return None;
+            }
+            match self
+                .deps
+                .store
+                .acquire_lease(key, &self.deps.node_id, self.deps.lease_ttl)
+                .await
+            {
+                Ok(Some(epoch)) => {
+                    let lost = self.deps.leases.insert(key.to_owned(), epoch);
+                    return Some((epoch, lost));
+                }
+                Ok(None) => tracing::debug!(shard = %key, "shard lease held elsewhere; waiting"),
+                Err(e) => {
+                    tracing::warn!(shard = %key, error = %e, "cannot take the shard lease; retrying")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return None,
+            }
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
     }
 
     async fn handle(&mut self, cmd: ShardCommand) {

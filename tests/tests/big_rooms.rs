@@ -295,6 +295,20 @@ async fn grow_split_kill() -> anyhow::Result<()> {
             nodes[i] != sequencer && (0..count).any(|k| owner_of(k).as_ref() == Some(&nodes[i]))
         })
         .context("no node hosts shards without the sequencer")?;
+    // Each running shard holds its own lease, taken by its ring owner.
+    let leases: Vec<(String, String)> = sqlx::query_as(
+        "SELECT room, owner FROM room_leases WHERE room LIKE $1 AND expires_at > now()",
+    )
+    .bind(format!("{ROOM}#%"))
+    .fetch_all(&pool)
+    .await?;
+    ensure!(leases.len() >= 2, "shard leases: {leases:?}");
+    for (key, owner) in &leases {
+        ensure!(
+            ring.owner_of(key).is_some_and(|n| n.as_str() == owner),
+            "{key} leased by {owner}, not its ring owner"
+        );
+    }
     // A new user whose shard is on the victim.
     let newcomer = (0..10_000)
         .map(|i| format!("new{i}"))

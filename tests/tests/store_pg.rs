@@ -40,13 +40,15 @@ async fn group_commits_and_lease_renewals_never_deadlock() -> anyhow::Result<()>
     let ttl = Duration::from_secs(30);
     let user = UserId::new("ann")?;
     let mut leases = Vec::new();
+    let mut rooms = Vec::new();
     for i in 0..200 {
         let room = RoomId::new(&format!("lock-{i:03}"))?;
         let epoch = store
-            .acquire_lease(&room, &owner, ttl)
+            .acquire_lease(room.as_str(), &owner, ttl)
             .await?
             .ok_or_else(|| anyhow::anyhow!("lease of {room} not free"))?;
-        leases.push((room, epoch));
+        leases.push((room.as_str().to_owned(), epoch));
+        rooms.push(room);
     }
     let mut rng = Shuffle(0x2545_F491_4F6C_DD1D);
     let mut next_seq = vec![1u64; leases.len()];
@@ -62,7 +64,7 @@ async fn group_commits_and_lease_renewals_never_deadlock() -> anyhow::Result<()>
                 next_seq[i] += 1;
                 vec![Row {
                     seq,
-                    id: format!("{}-{seq}", leases[i].0),
+                    id: format!("{}-{seq}", rooms[i]),
                     user: user.clone(),
                     text: format!("round {round}"),
                     client_id: format!("c{round}"),
@@ -73,7 +75,7 @@ async fn group_commits_and_lease_renewals_never_deadlock() -> anyhow::Result<()>
             .iter()
             .zip(&rows)
             .map(|(&i, rows)| RoomRows {
-                room: &leases[i].0,
+                room: &rooms[i],
                 epoch: leases[i].1,
                 rows,
             })
@@ -116,7 +118,7 @@ async fn shard_counts_are_fenced_by_the_lease_and_survive_a_takeover() -> anyhow
     anyhow::ensure!(store.load_room(&room, 10, 10).await?.shards == 1, "unsplit");
     // A lease that expires at once, so node-b can take it over.
     let epoch_a = store
-        .acquire_lease(&room, &a, Duration::from_millis(1))
+        .acquire_lease(room.as_str(), &a, Duration::from_millis(1))
         .await?
         .ok_or_else(|| anyhow::anyhow!("lease not free"))?;
     anyhow::ensure!(
@@ -134,7 +136,7 @@ async fn shard_counts_are_fenced_by_the_lease_and_survive_a_takeover() -> anyhow
             let (store, room, b) = (&store, &room, &b);
             async move {
                 Ok(store
-                    .acquire_lease(room, b, Duration::from_secs(30))
+                    .acquire_lease(room.as_str(), b, Duration::from_secs(30))
                     .await?)
             }
         },

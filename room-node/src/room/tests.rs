@@ -107,7 +107,7 @@ impl Store for FakeStore {
 
     async fn acquire_lease(
         &self,
-        room: &RoomId,
+        room: &str,
         owner: &NodeId,
         _ttl: Duration,
     ) -> StoreResult<Option<u64>> {
@@ -127,24 +127,24 @@ impl Store for FakeStore {
     async fn renew_leases(
         &self,
         owner: &NodeId,
-        leases: &[(RoomId, u64)],
+        leases: &[(String, u64)],
         _ttl: Duration,
-    ) -> StoreResult<Vec<RoomId>> {
+    ) -> StoreResult<Vec<String>> {
         let s = self.state.lock().unwrap();
         Ok(leases
             .iter()
             .filter(|(r, e)| {
                 s.leases
-                    .get(r.as_str())
+                    .get(r)
                     .is_some_and(|(o, le, _)| o == owner.as_str() && le == e)
             })
             .map(|(r, _)| r.clone())
             .collect())
     }
 
-    async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> StoreResult<()> {
+    async fn release_lease(&self, room: &str, owner: &NodeId, epoch: u64) -> StoreResult<()> {
         let mut s = self.state.lock().unwrap();
-        if let Some(l) = s.leases.get_mut(room.as_str()) {
+        if let Some(l) = s.leases.get_mut(room) {
             if l.0 == owner.as_str() && l.1 == epoch {
                 l.2 = true;
             }
@@ -984,4 +984,140 @@ async fn a_room_past_the_threshold_splits_and_hands_its_members_to_shards() {
     assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
     let (_, store) = stop(h).await;
     assert_eq!(store.rows("r").len(), 1);
+}
+
+/// A member shard serves only under its own lease: while another node holds
+/// `r#k` it answers nobody, it serves once that lease is free, it stops
+/// when the lease is taken from it, and it releases the lease it holds.
+#[tokio::test(start_paused = true)]
+async fn a_member_shard_serves_only_under_its_own_lease() {
+    use crate::shard::{self, ShardCommand, ShardDeps};
+    use chat_protocol::placement::Placement;
+
+    let store = Arc::new(FakeStore::default());
+    let key = chat_protocol::shard::shard_key(&room(), 0);
+    store
+        .state
+        .lock()
+        .unwrap()
+        .leases
+        .insert(key.clone(), ("n2".into(), 1, false));
+    let bus = MemoryBus::new();
+    let mut replies = bus.subscribe("reply".into()).await.unwrap();
+    let me = NodeId::new("n1").unwrap();
+    let (_ring, placement) = tokio::sync::watch::channel(Placement::new([me.clone()]));
+    let leases = Arc::new(LeaseTable::default());
+    let ttl = Duration::from_secs(3);
+    let deps = ShardDeps {
+        bus: Arc::new(bus.clone()),
+        subjects: chat_protocol::subjects::Subjects::new("t").unwrap(),
+        placement,
+        config: Arc::new(config()),
+        node_id: me.clone(),
+        store: store.clone(),
+        leases: leases.clone(),
+        lease_ttl: ttl,
+    };
+    let cancel = CancellationToken::new();
+    let renewals = tokio::spawn(crate::lease::renew_loop(
+        store.clone(),
+        me.clone(),
+        leases.clone(),
+        ttl,
+        cancel.clone(),
+    ));
+    let (handle, task) = shard::spawn(room(), 0, 2, deps, cancel.clone());
+    let user = (0..)
+        .map(|i| UserId::new(&format!("u{i}")).unwrap())
+        .find(|u| chat_protocol::shard::user_shard(u, 2) == 0)
+        .unwrap();
+    let join = |conn| ShardCommand::Request {
+        req: Box::new(NodeRequest::Join {
+            room: room(),
+            user: user.clone(),
+            gateway: NodeId::new("gw").unwrap(),
+            conn,
+            since: None,
+            quiet: true,
+        }),
+        shards: 2,
+        reply: Some("reply".into()),
+    };
+    handle.try_send(join(1)).unwrap();
+    async fn wait(replies: &mut BoxStream<'static, crate::bus::BusMessage>) -> Option<ReplyHead> {
+        let m = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .ok()??;
+        Some(decode_reply(&m.payload).unwrap().0)
+    }
+    assert!(
+        wait(&mut replies).await.is_none(),
+        "served while n2 holds the lease"
+    );
+    assert!(leases.snapshot().is_empty());
+
+    // n2 lets go: the waiting join is served, under a lease of n1's.
+    store.state.lock().unwrap().leases.get_mut(&key).unwrap().2 = true;
+    match wait(&mut replies).await {
+        Some(ReplyHead::Joined { members: 1, .. }) => {}
+        other => panic!("expected the join served, got {other:?}"),
+    }
+    assert_eq!(leases.snapshot(), vec![(key.clone(), 2)]);
+
+    // n2 takes it back: the next renewal finds it lost and the shard stops.
+    *store.state.lock().unwrap().leases.get_mut(&key).unwrap() = ("n2".into(), 3, false);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the shard stops when its lease is lost")
+        .unwrap();
+    assert!(leases.snapshot().is_empty());
+    assert!(
+        handle.try_send(join(2)).is_err(),
+        "a stopped shard takes nothing"
+    );
+    // What n2 holds is untouched by the stopped shard's release.
+    assert_eq!(
+        store.state.lock().unwrap().leases[&key],
+        ("n2".into(), 3, false)
+    );
+    cancel.cancel();
+    renewals.await.unwrap();
+}
+
+/// A shard that stops on its own releases its lease at once, so the next
+/// owner need not wait out the TTL.
+#[tokio::test(start_paused = true)]
+async fn a_stopping_member_shard_releases_its_lease() {
+    use crate::shard::{self, ShardDeps};
+    use chat_protocol::placement::Placement;
+
+    let store = Arc::new(FakeStore::default());
+    let bus = MemoryBus::new();
+    let me = NodeId::new("n1").unwrap();
+    let (_ring, placement) = tokio::sync::watch::channel(Placement::new([me.clone()]));
+    let leases = Arc::new(LeaseTable::default());
+    let deps = ShardDeps {
+        bus: Arc::new(bus.clone()),
+        subjects: chat_protocol::subjects::Subjects::new("t").unwrap(),
+        placement,
+        config: Arc::new(config()),
+        node_id: me,
+        store: store.clone(),
+        leases: leases.clone(),
+        lease_ttl: Duration::from_secs(3),
+    };
+    let cancel = CancellationToken::new();
+    let (_handle, task) = shard::spawn(room(), 1, 2, deps, cancel.clone());
+    let key = chat_protocol::shard::shard_key(&room(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while leases.snapshot().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no lease taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    let (owner, _, released) = store.state.lock().unwrap().leases[&key].clone();
+    assert_eq!(owner, "n1");
+    assert!(released, "the lease is released when the shard stops");
+    assert!(leases.snapshot().is_empty());
 }

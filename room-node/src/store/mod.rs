@@ -108,36 +108,32 @@ pub trait Store: Send + Sync + 'static {
         ts_ms: i64,
     ) -> Result<Vec<usize>>;
 
-    /// Takes `room`'s lease for `owner` when it is free, expired, or already
+    /// Takes the lease on `key` (a room name, or a member shard's
+    /// `room#k`) for `owner` when it is free, expired, or already
     /// `owner`'s, bumping the epoch. `None` while another owner holds it.
     ///
     /// # Errors
     /// When the database cannot answer.
-    async fn acquire_lease(
-        &self,
-        room: &RoomId,
-        owner: &NodeId,
-        ttl: Duration,
-    ) -> Result<Option<u64>>;
+    async fn acquire_lease(&self, key: &str, owner: &NodeId, ttl: Duration) -> Result<Option<u64>>;
 
     /// Extends the leases `owner` still holds at the given epochs; returns
-    /// the rooms it still holds (the others were taken over).
+    /// the keys it still holds (the others were taken over).
     ///
     /// # Errors
     /// When the database cannot answer.
     async fn renew_leases(
         &self,
         owner: &NodeId,
-        leases: &[(RoomId, u64)],
+        leases: &[(String, u64)],
         ttl: Duration,
-    ) -> Result<Vec<RoomId>>;
+    ) -> Result<Vec<String>>;
 
     /// Gives a lease up (after the room flushed), so the next owner need
     /// not wait for it to expire.
     ///
     /// # Errors
     /// When the database cannot answer.
-    async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> Result<()>;
+    async fn release_lease(&self, key: &str, owner: &NodeId, epoch: u64) -> Result<()>;
 
     /// Records that `room` is now split into `shards` member shards, if
     /// `owner` still holds its lease at `epoch`; `false` when fenced (a new

@@ -154,12 +154,7 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn acquire_lease(
-        &self,
-        room: &RoomId,
-        owner: &NodeId,
-        ttl: Duration,
-    ) -> Result<Option<u64>> {
+    async fn acquire_lease(&self, key: &str, owner: &NodeId, ttl: Duration) -> Result<Option<u64>> {
         let epoch: Option<i64> = sqlx::query_scalar(
             "INSERT INTO room_leases (room, owner, epoch, expires_at) \
              VALUES ($1, $2, 1, now() + make_interval(secs => $3::float8 / 1000)) \
@@ -168,7 +163,7 @@ impl Store for PgStore {
              WHERE room_leases.owner = EXCLUDED.owner OR room_leases.expires_at < now() \
              RETURNING epoch",
         )
-        .bind(room.as_str())
+        .bind(key)
         .bind(owner.as_str())
         .bind(ttl.as_millis() as i64)
         .fetch_optional(&self.pool)
@@ -180,9 +175,9 @@ impl Store for PgStore {
     async fn renew_leases(
         &self,
         owner: &NodeId,
-        leases: &[(RoomId, u64)],
+        leases: &[(String, u64)],
         ttl: Duration,
-    ) -> Result<Vec<RoomId>> {
+    ) -> Result<Vec<String>> {
         let rooms: Vec<&str> = leases.iter().map(|l| l.0.as_str()).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| l.1 as i64).collect();
         // Locked in room order, as a group commit locks them (see there).
@@ -203,7 +198,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        Ok(held.iter().filter_map(|r| RoomId::new(r).ok()).collect())
+        Ok(held)
     }
 
     async fn set_shards(
@@ -236,12 +231,12 @@ impl Store for PgStore {
         Ok(written.is_some())
     }
 
-    async fn release_lease(&self, room: &RoomId, owner: &NodeId, epoch: u64) -> Result<()> {
+    async fn release_lease(&self, key: &str, owner: &NodeId, epoch: u64) -> Result<()> {
         sqlx::query(
             "UPDATE room_leases SET expires_at = 'epoch' \
              WHERE room = $1 AND owner = $2 AND epoch = $3",
         )
-        .bind(room.as_str())
+        .bind(key)
         .bind(owner.as_str())
         .bind(epoch as i64)
         .execute(&self.pool)

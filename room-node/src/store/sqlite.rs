@@ -78,7 +78,7 @@ impl Store for SqliteStore {
     // granted and never fence anything.
     async fn acquire_lease(
         &self,
-        _room: &RoomId,
+        _key: &str,
         _owner: &NodeId,
         _ttl: Duration,
     ) -> Result<Option<u64>> {
@@ -88,13 +88,13 @@ impl Store for SqliteStore {
     async fn renew_leases(
         &self,
         _owner: &NodeId,
-        leases: &[(RoomId, u64)],
+        leases: &[(String, u64)],
         _ttl: Duration,
-    ) -> Result<Vec<RoomId>> {
+    ) -> Result<Vec<String>> {
         Ok(leases.iter().map(|l| l.0.clone()).collect())
     }
 
-    async fn release_lease(&self, _room: &RoomId, _owner: &NodeId, _epoch: u64) -> Result<()> {
+    async fn release_lease(&self, _key: &str, _owner: &NodeId, _epoch: u64) -> Result<()> {
         Ok(())
     }
 

@@ -72,6 +72,42 @@ impl LeaseTable {
     }
 }
 
+/// Takes the lease `key` for `owner` and records it in `table`, waiting out
+/// another holder's (a crashed node's lease expires after its TTL; a
+/// draining one releases it after its flush), with backoff from 25 ms to
+/// 500 ms. Gives the epoch and the token that fires if the lease is lost;
+/// `None` once `abandoned()` holds (nobody waits for the actor any more) or
+/// `cancel` fires.
+pub async fn take(
+    store: &dyn Store,
+    table: &LeaseTable,
+    key: &str,
+    owner: &NodeId,
+    ttl: Duration,
+    cancel: &CancellationToken,
+    abandoned: impl Fn() -> bool,
+) -> Option<(u64, CancellationToken)> {
+    let mut delay = Duration::from_millis(25);
+    loop {
+        if abandoned() || cancel.is_cancelled() {
+            return None;
+        }
+        match store.acquire_lease(key, owner, ttl).await {
+            Ok(Some(epoch)) => {
+                tracing::debug!(%key, epoch, "lease taken");
+                return Some((epoch, table.insert(key.to_owned(), epoch)));
+            }
+            Ok(None) => tracing::debug!(%key, "lease held by another node; waiting"),
+            Err(e) => tracing::warn!(%key, error = %e, "cannot take the lease; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
 /// Renews every lease in `table` every `ttl / 3` until `cancel`.
 pub async fn renew_loop(
     store: Arc<dyn Store>,

@@ -342,13 +342,7 @@ async fn dispatch(
                 return;
             }
             Err(mpsc::error::TrySendError::Full(RoomCommand::Request { reply, .. })) => {
-                METRICS.commands.with_label_values(&["busy"]).inc();
-                let head = ReplyHead::Error {
-                    code: ErrorCode::Overloaded,
-                    message: "room is busy; retry shortly".into(),
-                    retry_after_ms: Some(100),
-                };
-                answer(bus, reply, &head).await;
+                busy(bus, reply, "room is busy; retry shortly").await;
                 return;
             }
             // Only requests are ever sent through here.
@@ -405,13 +399,7 @@ async fn to_shard(
                 return;
             }
             Err(mpsc::error::TrySendError::Full(ShardCommand::Request { reply, .. })) => {
-                METRICS.commands.with_label_values(&["busy"]).inc();
-                let head = ReplyHead::Error {
-                    code: ErrorCode::Overloaded,
-                    message: "room shard is busy; retry shortly".into(),
-                    retry_after_ms: Some(100),
-                };
-                answer(bus, reply, &head).await;
+                busy(bus, reply, "room shard is busy; retry shortly").await;
                 return;
             }
             Err(mpsc::error::TrySendError::Full(_)) => return,
@@ -422,6 +410,17 @@ async fn to_shard(
             }
         }
     }
+}
+
+/// A full mailbox: counted, and the sender told to retry shortly.
+async fn busy(bus: &Arc<dyn Bus>, reply: Option<String>, message: &str) {
+    METRICS.commands.with_label_values(&["busy"]).inc();
+    let head = ReplyHead::Error {
+        code: ErrorCode::Overloaded,
+        message: message.into(),
+        retry_after_ms: Some(100),
+    };
+    answer(bus, reply, &head).await;
 }
 
 async fn answer(bus: &Arc<dyn Bus>, reply: Option<String>, head: &ReplyHead) {

@@ -415,38 +415,25 @@ impl RoomActor {
     /// draining one releases it after its flush). Gives up when the node
     /// drops the room or shuts down.
     async fn acquire(&mut self, cancel: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(25);
-        loop {
-            if self.rx.is_closed() || cancel.is_cancelled() {
-                return false;
+        let deps = &self.deps;
+        let rx = &self.rx;
+        let taken = crate::lease::take(
+            deps.store.as_ref(),
+            &deps.leases,
+            self.room.as_str(),
+            &deps.node_id,
+            deps.lease_ttl,
+            cancel,
+            || rx.is_closed(),
+        )
+        .await;
+        match taken {
+            Some((epoch, lost)) => {
+                self.epoch = epoch;
+                self.lease_lost = lost;
+                true
             }
-            match self
-                .deps
-                .store
-                .acquire_lease(self.room.as_str(), &self.deps.node_id, self.deps.lease_ttl)
-                .await
-            {
-                Ok(Some(epoch)) => {
-                    self.epoch = epoch;
-                    self.lease_lost = self
-                        .deps
-                        .leases
-                        .insert(self.room.as_str().to_owned(), epoch);
-                    tracing::debug!(room = %self.room, epoch, "lease taken");
-                    return true;
-                }
-                Ok(None) => {
-                    tracing::debug!(room = %self.room, "lease held by another node; waiting")
-                }
-                Err(e) => {
-                    tracing::warn!(room = %self.room, error = %e, "cannot take the lease; retrying")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return false,
-            }
-            delay = (delay * 2).min(Duration::from_millis(500));
+            None => false,
         }
     }
 

@@ -150,7 +150,20 @@ struct ShardActor {
 impl ShardActor {
     async fn run(mut self, cancel: CancellationToken) {
         let key = shard_key(&self.room, self.index);
-        let Some((epoch, lost)) = self.acquire(&key, &cancel).await else {
+        // Requests wait in the mailbox until the lease is ours.
+        let rx = &self.rx;
+        let deps = &self.deps;
+        let taken = crate::lease::take(
+            deps.store.as_ref(),
+            &deps.leases,
+            &key,
+            &deps.node_id,
+            deps.lease_ttl,
+            &cancel,
+            || rx.is_closed(),
+        )
+        .await;
+        let Some((epoch, lost)) = taken else {
             return;
         };
         METRICS.member_shards.inc();
@@ -204,42 +217,6 @@ impl ShardActor {
         METRICS.member_shards.dec();
     }
 
-    /// Takes the shard's lease, waiting out another holder's (a crashed
-    /// node's expires after its TTL). Requests wait in the mailbox
-    /// meanwhile. `None` when the node drops the shard or shuts down.
-    async fn acquire(
-        &mut self,
-        key: &str,
-        cancel: &CancellationToken,
-    ) -> Option<(u64, CancellationToken)> {
-        let mut delay = Duration::from_millis(25);
-        loop {
-            if self.rx.is_closed() || cancel.is_cancelled() {
-                return None;
-            }
-            match self
-                .deps
-                .store
-                .acquire_lease(key, &self.deps.node_id, self.deps.lease_ttl)
-                .await
-            {
-                Ok(Some(epoch)) => {
-                    let lost = self.deps.leases.insert(key.to_owned(), epoch);
-                    return Some((epoch, lost));
-                }
-                Ok(None) => tracing::debug!(shard = %key, "shard lease held elsewhere; waiting"),
-                Err(e) => {
-                    tracing::warn!(shard = %key, error = %e, "cannot take the shard lease; retrying")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return None,
-            }
-            delay = (delay * 2).min(Duration::from_millis(500));
-        }
-    }
-
     async fn handle(&mut self, cmd: ShardCommand) {
         let (req, shards, reply) = match cmd {
             ShardCommand::GatewayGone(gw) => {
@@ -258,20 +235,12 @@ impl ShardActor {
         };
         if shards > self.shards {
             self.adopt(shards);
-        } else if shards < self.shards {
-            // The gateway routed by an older count.
-            self.answer(
-                reply,
-                &ReplyHead::Sharded {
-                    shards: self.shards,
-                },
-            )
-            .await;
-            return;
         }
-        if req
-            .member()
-            .is_some_and(|u| user_shard(u, self.shards) != self.index)
+        // The gateway routed by an older count, or the member is not ours.
+        if shards < self.shards
+            || req
+                .member()
+                .is_some_and(|u| user_shard(u, self.shards) != self.index)
         {
             self.answer(
                 reply,
@@ -291,6 +260,7 @@ impl ShardActor {
                 quiet,
                 ..
             } => {
+                tracing::debug!(%user, %gateway, conn, quiet, "member registered");
                 if self.members.insert((gateway, conn), user.clone()).is_none() {
                     *self.user_conns.entry(user).or_insert(0) += 1;
                     self.report_soon();
@@ -311,6 +281,7 @@ impl ShardActor {
                 }
             }
             NodeRequest::Leave { gateway, conn, .. } => {
+                tracing::debug!(%gateway, conn, "member left");
                 self.remove(&(gateway, conn));
                 self.answer(reply, &ReplyHead::Left).await;
             }

@@ -75,12 +75,24 @@ enum Cmd {
     JoinFailed {
         conn: u64,
     },
+    /// The owner registered the member, but its connection went away
+    /// before it caught up: unregister it (its session's own `Remove` may
+    /// have come first, and found the join still in flight).
+    Abandoned {
+        conn: u64,
+    },
     Repaired {
         frames: Vec<(u64, Payload)>,
         ok: bool,
     },
     /// Re-register every member with the owner (after a reconnect).
     Resync,
+    /// These members were re-registered: any of them that left meanwhile
+    /// may have had its leave overtaken by the re-registration, so it is
+    /// unregistered again.
+    Reregistered {
+        members: Vec<(u64, UserId)>,
+    },
     /// Fetch whatever the owner committed after what we delivered (after a
     /// reconnect, when events may have been missed).
     Probe,
@@ -217,6 +229,39 @@ impl RoomHub {
                 }
             }
         });
+    }
+
+    /// After a re-registration of `members`: the room's task unregisters
+    /// those that left while it ran (their leave may have reached the owner
+    /// first, and the re-registration would keep a ghost). With no task
+    /// left, nobody on this gateway is in the room: all are unregistered.
+    async fn settle_reregistered(&self, room: RoomId, members: Vec<(u64, UserId)>) {
+        let tx = self
+            .inner
+            .rooms
+            .lock()
+            .expect("hub lock")
+            .get(&room)
+            .cloned();
+        let members = match tx {
+            Some(tx) => match tx.send(Cmd::Reregistered { members }).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(Cmd::Reregistered { members })) => members,
+                Err(_) => return,
+            },
+            None => members,
+        };
+        for (conn, user) in members {
+            let req = NodeRequest::Leave {
+                room: room.clone(),
+                user,
+                gateway: self.inner.gateway.clone(),
+                conn,
+            };
+            if let Err(e) = self.inner.client.call(&req).await {
+                tracing::warn!(error = %e, "leave not delivered to the owner");
+            }
+        }
     }
 
     /// The room tasks of rooms split into member shards.
@@ -511,13 +556,14 @@ impl RoomTask {
         if members.is_empty() {
             return;
         }
+        let hub = self.hub.clone();
         let client = self.hub.inner.client.clone();
         let room = self.room.clone();
         let gateway = self.hub.inner.gateway.clone();
         tokio::spawn(async move {
             use futures::stream::{self, StreamExt as _};
             let n = members.len();
-            let failed = stream::iter(members)
+            let failed = stream::iter(members.clone())
                 .map(|(conn, user)| {
                     let req = NodeRequest::Join {
                         room: room.clone(),
@@ -535,6 +581,7 @@ impl RoomTask {
                 .count()
                 .await;
             tracing::debug!(%room, members = n, failed, "members re-registered with the owner");
+            hub.settle_reregistered(room, members).await;
         });
     }
 
@@ -606,8 +653,20 @@ impl RoomTask {
             Cmd::JoinFailed { conn } => {
                 self.members.remove(&conn);
             }
+            Cmd::Abandoned { conn } => {
+                if let Some(m) = self.members.remove(&conn) {
+                    self.send_leave(m.user, conn);
+                }
+            }
             Cmd::Caught { conn, upto } => self.on_caught(conn, upto),
             Cmd::Resync => self.resync(),
+            Cmd::Reregistered { members } => {
+                for (conn, user) in members {
+                    if !self.members.contains_key(&conn) {
+                        self.send_leave(user, conn);
+                    }
+                }
+            }
             Cmd::Probe => self.probe(),
             Cmd::Repaired { frames, ok } => {
                 self.repairing = false;
@@ -740,7 +799,45 @@ async fn join_task(
             )
             .await;
         }
-        other => crate::route::failure_frame(other, None, "join"),
+        other => {
+            // A join that timed out, or that a member shard registered but
+            // could not complete (its sequencer unreachable), may be held
+            // at the owner: unregister it before the client hears of the
+            // failure, so neither a ghost nor a retried join can race it.
+            let unsure = matches!(
+                &other,
+                Err(_)
+                    | Ok((
+                        ReplyHead::Error {
+                            code: ErrorCode::Unavailable,
+                            ..
+                        },
+                        _
+                    ))
+            );
+            if unsure {
+                let NodeRequest::Join {
+                    room,
+                    user,
+                    gateway,
+                    conn,
+                    ..
+                } = req
+                else {
+                    unreachable!("built above")
+                };
+                let leave = NodeRequest::Leave {
+                    room,
+                    user,
+                    gateway,
+                    conn,
+                };
+                if let Err(e) = hub.inner.client.call(&leave).await {
+                    tracing::warn!(error = %e, "leave after a failed join not delivered");
+                }
+            }
+            crate::route::failure_frame(other, None, "join")
+        }
     };
     // The room task or the session may be gone; then nobody waits.
     let _ = tx.send(Cmd::JoinFailed { conn: id }).await;
@@ -774,6 +871,7 @@ async fn joined(
     // A session that is gone does not care.
     let _ = done.send(Ok(()));
     if !queued {
+        let _ = tx.send(Cmd::Abandoned { conn: id }).await;
         return;
     }
     let mut cursor = since.unwrap_or(0).min(last_seq);
@@ -783,6 +881,7 @@ async fn joined(
         }
         if let Some(t) = text(f) {
             if !conn.deliver(t, FrameKind::Message).await {
+                let _ = tx.send(Cmd::Abandoned { conn: id }).await;
                 return;
             }
         }
@@ -792,7 +891,8 @@ async fn joined(
             .await
             .is_none()
     {
-        // The connection is closing; its session removes the member.
+        // The connection is closing.
+        let _ = tx.send(Cmd::Abandoned { conn: id }).await;
         return;
     }
     // The member is now exactly at `last_seq`. The room task outlives this

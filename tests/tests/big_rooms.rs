@@ -394,3 +394,115 @@ async fn grow_split_kill() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Churn while the room splits: users that join and leave (or drop their
+/// connection) over and over while the room keeps re-splitting must not
+/// stay behind as members. Once the churn stops, `members` answers exactly
+/// the users still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_during_splits_leaves_no_ghost_members() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(180), churn())
+        .await
+        .context("the churn run did not finish in 180 s")?
+}
+
+async fn churn() -> anyhow::Result<()> {
+    const ROOM: &str = "churn";
+    const STAYING: usize = 100;
+    const FLAPPERS: usize = 20;
+    let cluster = TestCluster::builder("big_rooms_churn")
+        .gateways(2)
+        .room_nodes(2)
+        .env("CHAT_SHARD_THRESHOLD", "6")
+        .env("CHAT_JOIN_RATE_PER_SEC", "0")
+        .start()
+        .await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Users that join and leave until told to stop: half leave politely,
+    // half cut their connection.
+    let flappers: Vec<_> = (0..FLAPPERS)
+        .map(|i| {
+            let url = cluster.ws_url(i % 2, &format!("flap{i:02}"));
+            let stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut round = 0u64;
+                while !*stop.borrow() {
+                    let mut c = Client::connect(&url).await?;
+                    c.send_json(json!({"type": "join", "room": ROOM})).await?;
+                    // Sometimes leave before the join is answered.
+                    if !round.is_multiple_of(3) {
+                        c.recv_until(WAIT, |f| f["type"] == "joined").await?;
+                    }
+                    if (i + round as usize).is_multiple_of(2) {
+                        c.send_json(json!({"type": "leave", "room": ROOM})).await?;
+                        c.recv_until(WAIT, |f| f["type"] == "left").await?;
+                        c.close().await?;
+                    } else {
+                        drop(c);
+                    }
+                    round += 1;
+                }
+                anyhow::Ok(round)
+            })
+        })
+        .collect();
+    // Meanwhile the room grows one member at a time, splitting again and
+    // again (threshold 6: about one split per three joins at first).
+    let mut staying = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..STAYING {
+        let name = format!("stay{i:03}");
+        let mut c = Client::connect(&cluster.ws_url(i % 2, &name)).await?;
+        c.send_json(json!({"type": "join", "room": ROOM})).await?;
+        c.recv_until(WAIT, |f| f["type"] == "joined").await?;
+        staying.push(c);
+        names.push(name);
+    }
+    stop_tx.send(true)?;
+    let mut rounds = 0;
+    for f in flappers {
+        rounds += f.await??;
+    }
+    ensure!(
+        rounds >= FLAPPERS as u64,
+        "the flappers barely ran: {rounds}"
+    );
+    // Nobody is left but the staying members, and the count says so.
+    names.sort();
+    let asker = &mut staying[0];
+    let deadline = Instant::now() + WAIT;
+    let mut last;
+    loop {
+        asker
+            .send_json(json!({"type": "members", "room": ROOM}))
+            .await?;
+        last = asker
+            .recv_until(WAIT, |f| f["type"] == "members" && f.get("users").is_some())
+            .await?;
+        if last["count"] == STAYING && last["users"] == json!(names) {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        // Within the request limit (5 a second).
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let pool = cluster.pool().await?;
+    let shards: Option<i32> = sqlx::query_scalar("SELECT shards FROM room_shards WHERE room = $1")
+        .bind(ROOM)
+        .fetch_optional(&pool)
+        .await?;
+    ensure!(
+        shards.unwrap_or(1) > 2,
+        "the room did not split: {shards:?}"
+    );
+    ensure!(
+        last["count"] == STAYING && last["users"] == json!(names),
+        "after {rounds} flapper rounds and {shards:?} shards, members still says {} ({} listed): {}",
+        last["count"],
+        last["users"].as_array().map_or(0, Vec::len),
+        last["users"]
+    );
+    Ok(())
+}

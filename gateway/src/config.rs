@@ -117,7 +117,8 @@ pub struct Config {
     /// Bound on the drain at shutdown, in seconds.
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
-    /// Members above which a room is sharded.
+    /// Embedded room node: users present above which a room is split into
+    /// member shards (with one node, they all run in this process).
     #[arg(long, env = "CHAT_SHARD_THRESHOLD", default_value_t = 5000)]
     pub shard_threshold: usize,
     /// Embedded room node: max messages in one room's batch.
@@ -220,6 +221,9 @@ impl Config {
     /// # Errors
     /// The first setting that cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.shard_threshold == 0 {
+            return Err(ConfigError("CHAT_SHARD_THRESHOLD must be positive".into()));
+        }
         self.gateway_id()?;
         self.jwt()?;
         self.trusted_proxies()?;
@@ -314,6 +318,7 @@ impl Config {
                 per_sec: self.rate_limit_per_sec,
                 burst: self.rate_limit_burst,
             },
+            shard_threshold: self.shard_threshold,
             ..RoomConfig::default()
         }
     }
@@ -400,6 +405,24 @@ mod tests {
         let c = Config::try_parse_from(["x"]).unwrap();
         assert_eq!(c.listen(), DEFAULT_LISTEN);
         assert!(!c.dev_auth());
+    }
+
+    #[test]
+    fn the_embedded_node_gets_the_room_settings() {
+        let c = Config::try_parse_from([
+            "x",
+            "--standalone",
+            "--shard-threshold",
+            "6",
+            "--flush-batch",
+            "7",
+        ])
+        .unwrap();
+        let r = c.room_config();
+        assert_eq!(r.shard_threshold, 6);
+        assert_eq!(r.flush_batch, 7);
+        let c = Config::try_parse_from(["x", "--shard-threshold", "0"]).unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -244,8 +244,8 @@ impl Session {
     }
 
     /// Takes a token from a per-connection limit, or answers
-    /// `rate_limited` and says no.
-    async fn allow(&mut self, which: &'static str) -> bool {
+    /// `rate_limited` (naming the request refused, `what`) and says no.
+    async fn allow(&mut self, which: &'static str, what: &'static str, room: &RoomId) -> bool {
         let slot = if which == "join_rate" {
             &mut self.joins_limit
         } else {
@@ -258,14 +258,14 @@ impl Session {
             Ok(()) => true,
             Err(wait) => {
                 METRICS.limited.with_label_values(&[which]).inc();
-                let what = if which == "join_rate" {
+                let kind = if which == "join_rate" {
                     "join"
                 } else {
-                    "history"
+                    "history and member-list"
                 };
                 let frame = ServerFrame::Error {
                     code: ErrorCode::RateLimited,
-                    message: format!("too many {what} requests; slow down"),
+                    message: format!("too many {kind} requests; slow down ({what} {room} refused)"),
                     reference: None,
                     retry_after_ms: Some(
                         u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
@@ -333,18 +333,20 @@ impl Session {
             } => {
                 if !self.identity.may_access(&room) {
                     forbidden(&self.conn, &room).await;
-                } else if self.allow("history_rate").await {
+                } else if self.allow("history_rate", "history of", &room).await {
                     self.on_history(room, before, limit);
                 }
             }
             ClientFrame::Refresh { token } => return self.on_refresh(&token).await,
             ClientFrame::Members { room } => {
-                if !self.joined.contains(&room) {
+                if !self.identity.may_access(&room) {
+                    forbidden(&self.conn, &room).await;
+                } else if !self.joined.contains(&room) {
                     let msg = format!("join {room} to see who is there");
                     self.conn
                         .reply(&ServerFrame::error(ErrorCode::NotJoined, msg))
                         .await;
-                } else if self.allow("history_rate").await {
+                } else if self.allow("history_rate", "members of", &room).await {
                     // As costly as a history page, so limited like one.
                     let client = self.state.client.clone();
                     let conn = self.conn.clone();
@@ -439,7 +441,7 @@ impl Session {
             forbidden(&self.conn, &room).await;
             return;
         }
-        if !self.allow("join_rate").await {
+        if !self.allow("join_rate", "join", &room).await {
             return;
         }
         let max = self.state.config.max_rooms_per_conn;

@@ -34,6 +34,18 @@ pub enum RouteError {
     Unavailable(String),
 }
 
+/// Resolves once an earlier request has been answered (or given up): what
+/// a retry waits for, so it cannot overtake that request.
+pub type Gate = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
+
+/// A gate that opens when the returned sender is dropped (the request it
+/// stands for is done, whatever its outcome).
+pub fn gate() -> (tokio::sync::oneshot::Sender<()>, Gate) {
+    use futures::FutureExt as _;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (tx, rx.map(|_| ()).boxed().shared())
+}
+
 impl RouteError {
     /// The error frame fields for the client.
     pub fn code(&self) -> ErrorCode {
@@ -185,6 +197,22 @@ impl NodeClient {
     /// # Errors
     /// [`RouteError::Unavailable`] after [`ATTEMPTS`] tries.
     pub async fn call(&self, req: &NodeRequest) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
+        self.call_after(req, None).await
+    }
+
+    /// [`call`](Self::call), but a request that must be tried again (its
+    /// owner or shard moved) first waits for `earlier`: the previous send
+    /// of the same connection to the same room. Sends that failed together
+    /// (a node died under all of them) are then retried in the order they
+    /// were sent, not in whatever order their timers wake.
+    ///
+    /// # Errors
+    /// As [`call`](Self::call).
+    pub async fn call_after(
+        &self,
+        req: &NodeRequest,
+        mut earlier: Option<Gate>,
+    ) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
         let room = req.room();
         for _ in 0..RESHARD_TRIES {
             let count = self.shard_count(room);
@@ -195,9 +223,9 @@ impl NodeClient {
                         shards: count,
                         req: Box::new(req.clone()),
                     };
-                    self.call_owner(&wrapped).await?
+                    self.call_owner(&wrapped, &mut earlier).await?
                 }
-                _ => self.call_owner(req).await?,
+                _ => self.call_owner(req, &mut earlier).await?,
             };
             match reply {
                 (ReplyHead::Sharded { shards }, _) if shards != count => {
@@ -206,6 +234,9 @@ impl NodeClient {
                         .with_label_values(&["resharded"])
                         .inc();
                     self.learn_shards(room, shards);
+                    if let Some(gate) = earlier.take() {
+                        gate.await;
+                    }
                 }
                 other => return Ok(other),
             }
@@ -227,7 +258,7 @@ impl NodeClient {
         for _ in 0..RESHARD_TRIES {
             let count = self.shard_count(room);
             if count <= 1 {
-                match self.call_owner(&req).await? {
+                match self.call_owner(&req, &mut None).await? {
                     (ReplyHead::Users { users, count }, _) => return Ok((users, count)),
                     (ReplyHead::Sharded { shards }, _) => {
                         self.learn_shards(room, shards);
@@ -244,7 +275,7 @@ impl NodeClient {
                         req: Box::new(req.clone()),
                     };
                     async move {
-                        match self.call_owner(&shard).await? {
+                        match self.call_owner(&shard, &mut None).await? {
                             (ReplyHead::Users { users, count }, _) => Ok(Some((users, count))),
                             (ReplyHead::Sharded { shards }, _) => {
                                 self.learn_shards(room, shards);
@@ -274,7 +305,11 @@ impl NodeClient {
 
     /// One request to the owner of its placement key, retried while the
     /// ring settles.
-    async fn call_owner(&self, req: &NodeRequest) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
+    async fn call_owner(
+        &self,
+        req: &NodeRequest,
+        earlier: &mut Option<Gate>,
+    ) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
         let payload = Bytes::from(serde_json::to_vec(req).expect("requests serialise"));
         let key = req.placement_key();
         let mut placement = self.placement.clone();
@@ -344,6 +379,10 @@ impl NodeClient {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+            // Then for the request this one must not overtake.
+            if let Some(gate) = earlier.take() {
+                gate.await;
+            }
         }
         METRICS
             .node_requests

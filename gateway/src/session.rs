@@ -2,7 +2,7 @@
 //! The session owns the connection's joined-room set; fan-out and replies
 //! reach the socket only through the connection's bounded queue.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +49,9 @@ pub struct Session {
     /// a member behind that the client believes gone.
     leaving: HashSet<RoomId>,
     sends: FuturesOrdered<SendFuture>,
+    /// Per joined room, the last send's gate: the next send's retries wait
+    /// for it, so one connection's sends keep their order across retries.
+    lanes: HashMap<RoomId, crate::route::Gate>,
     joins: FuturesUnordered<JoinFuture>,
 }
 
@@ -124,6 +127,7 @@ impl Session {
             joining: HashSet::new(),
             leaving: HashSet::new(),
             sends: FuturesOrdered::new(),
+            lanes: HashMap::new(),
             joins: FuturesUnordered::new(),
         };
         let reason = tracing::Instrument::instrument(session.serve(&mut reader), span).await;
@@ -305,6 +309,7 @@ impl Session {
             ClientFrame::Join { room, since } => self.on_join(room, since).await,
             ClientFrame::Leave { room } => {
                 if self.joined.remove(&room) {
+                    self.lanes.remove(&room);
                     if self.joining.contains(&room) {
                         // `left` follows `joined` once the join completes.
                         self.leaving.insert(room);
@@ -395,6 +400,7 @@ impl Session {
             .collect();
         for room in lost {
             self.joined.remove(&room);
+            self.lanes.remove(&room);
             self.state.hub.leave(&room, self.conn.id).await;
             forbidden(&self.conn, &room).await;
             self.conn.reply(&ServerFrame::Left { room }).await;
@@ -414,6 +420,7 @@ impl Session {
             Ok(_) => {}
             Err(frame) => {
                 self.joined.remove(&room);
+                self.lanes.remove(&room);
                 self.conn.reply(&frame).await;
             }
         }
@@ -505,9 +512,14 @@ impl Session {
         // order. `unconstrained`: with tokio's cooperative budget spent, a
         // first poll would return Pending before publishing and a later
         // send could be published first (seen in bursts of ~130 sends).
+        // Each send of this connection to this room is retried only after
+        // the one before it is done (see `NodeClient::call_after`).
+        let (done, gate) = crate::route::gate();
+        let earlier = self.lanes.insert(room.clone(), gate);
         self.sends
             .push_back(Box::pin(tokio::task::unconstrained(async move {
-                match client.call(&req).await {
+                let _done = done;
+                match client.call_after(&req, earlier).await {
                     Ok((ReplyHead::Ack { seq, .. }, _)) => {
                         METRICS
                             .send_ack_seconds

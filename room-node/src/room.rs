@@ -209,6 +209,9 @@ struct RoomActor {
     announced: u64,
     /// When the next `members` announcement may go out, if one is due.
     announce_at: Option<Instant>,
+    /// A shard reported past the threshold before the last split settled:
+    /// the room splits again when it has (no later report is awaited).
+    regrow_at: Option<Instant>,
     /// When the room was last split.
     split_at: Option<Instant>,
 }
@@ -290,6 +293,7 @@ impl RoomActor {
             shard_counts: HashMap::new(),
             announced: 0,
             announce_at: None,
+            regrow_at: None,
             split_at: None,
             alarm: None,
             alarm_fired: false,
@@ -377,6 +381,10 @@ impl RoomActor {
                 _ = tokio::time::sleep_until(self.announce_at.unwrap_or_else(Instant::now)), if self.announce_at.is_some() => {
                     self.announce_at = None;
                     self.announce().await;
+                }
+                _ = tokio::time::sleep_until(self.regrow_at.unwrap_or_else(Instant::now)), if self.regrow_at.is_some() => {
+                    self.regrow_at = None;
+                    self.regrow().await;
                 }
                 _ = cancel.cancelled(), if !self.stopping => {
                     self.stopping = true;
@@ -1174,6 +1182,7 @@ impl RoomActor {
         // new count by the gateways' re-registrations, reports again.
         self.shards = shards;
         self.split_at = Some(Instant::now());
+        self.regrow_at = None;
         METRICS.splits.inc();
         tracing::info!(room = %self.room, from = before, to = shards, members = self.present(), "room split into member shards");
         let event = Event::Shards { count: shards }.encode();
@@ -1205,10 +1214,26 @@ impl RoomActor {
         // Shards settle after a split (members re-register, counts are
         // reported anew) before the next one is considered.
         let settled = self.split_at.is_none_or(|t| t.elapsed() >= SPLIT_SETTLE);
-        if settled && members as usize > threshold {
-            let want = shards_for(self.present() as usize, threshold).max(self.shards + 1);
-            self.split(want).await;
+        if members as usize > threshold {
+            if settled {
+                self.regrow().await;
+            } else if self.regrow_at.is_none() {
+                // Shards report only on change (and every 5 s): look again
+                // once the split has settled rather than at the next report.
+                self.regrow_at = self.split_at.map(|t| t + SPLIT_SETTLE);
+            }
         }
+    }
+
+    /// Splits into more shards: enough for everyone present at about half
+    /// the threshold each, and at least one more than now.
+    async fn regrow(&mut self) {
+        let threshold = self.deps.config.shard_threshold;
+        if !self.shard_counts.values().any(|&n| n as usize > threshold) {
+            return;
+        }
+        let want = shards_for(self.present() as usize, threshold).max(self.shards + 1);
+        self.split(want).await;
     }
 
     /// Arms the (single) announcement of a split room's member count.

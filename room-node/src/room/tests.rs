@@ -328,6 +328,9 @@ async fn stop(h: Harness) -> (RoomStats, Arc<FakeStore>) {
 #[tokio::test(start_paused = true)]
 async fn alarm_is_armed_once_for_many_messages() {
     let mut h = harness(FakeStore::default(), config()).await;
+    // Start on an alarm boundary (they are shared by the process), so the
+    // 1 ms pause below cannot straddle one.
+    tokio::time::sleep_until(alarm_at(Instant::now(), config().flush_interval)).await;
     for i in 0..10 {
         send(&h, "ann", &format!("a{i}"));
     }
@@ -1120,4 +1123,51 @@ async fn a_stopping_member_shard_releases_its_lease() {
     assert_eq!(owner, "n1");
     assert!(released, "the lease is released when the shard stops");
     assert!(leases.snapshot().is_empty());
+}
+
+/// A shard that reports past the threshold while the last split is still
+/// settling makes the room split again once it has settled, without
+/// waiting for another report (shards report only on change).
+#[tokio::test(start_paused = true)]
+async fn a_shard_past_the_threshold_during_the_settle_splits_the_room_again() {
+    let cfg = RoomConfig {
+        shard_threshold: 3,
+        ..config()
+    };
+    let mut h = harness(FakeStore::default(), cfg).await;
+    let mut joins = h.bus.subscribe("j".into()).await.unwrap();
+    for (i, user) in ["ann", "bob", "cid", "dan"].iter().enumerate() {
+        join(&h, user, i as u64, "j");
+        reply_on(&mut joins).await;
+    }
+    assert_eq!(next_room_event(&mut h).await, Event::Shards { count: 4 });
+    let split = Instant::now();
+    // Shard 0 fills up at once, well inside the settle time.
+    h.handle
+        .try_send(RoomCommand::Request {
+            req: NodeRequest::Count {
+                room: room(),
+                shard: 0,
+                shards: 4,
+                members: 9,
+            },
+            reply: None,
+        })
+        .unwrap();
+    loop {
+        match next_room_event(&mut h).await {
+            Event::Shards { count } => {
+                assert!(count > 4, "split into more shards: {count}");
+                break;
+            }
+            Event::ToAll { .. } => {} // the member count
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        split.elapsed() >= SPLIT_SETTLE,
+        "split again before the last one settled: {:?}",
+        split.elapsed()
+    );
+    stop(h).await;
 }

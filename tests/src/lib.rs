@@ -2130,6 +2130,24 @@ impl Client {
         }
     }
 
+    /// The next text frame parsed as JSON, or `None` when none comes within
+    /// `timeout`; errors when the connection ends or breaks. Why: a reader
+    /// that polls with a short timeout must stop once the socket is gone,
+    /// not spin on the same error.
+    pub async fn recv_within(&mut self, timeout: Duration) -> anyhow::Result<Option<Value>> {
+        let end = Instant::now() + timeout;
+        // The inner deadline never fires first; the outer one says "none".
+        match tokio::time::timeout_at(end, self.next_frame(end + Duration::from_secs(3600))).await {
+            Err(_) => Ok(None),
+            Ok(Ok(Some(v))) => Ok(Some(v)),
+            Ok(Ok(None)) => Err(anyhow!(
+                "connection ended (close code {:?})",
+                self.close_code
+            )),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
     /// The first frame matching `pred` within `timeout`; frames that do not
     /// match are appended to [`Client::skipped`]. Why: interleaved presence
     /// and message frames make "the next frame" brittle.

@@ -38,13 +38,16 @@ async fn member(
                 return Ok(seqs);
             }
         }
-        match c.recv(Duration::from_millis(200)).await {
-            Ok(f) if f["type"] == "message" => {
+        // Quiet for a moment: look at `last` again.
+        match c
+            .recv_within(Duration::from_millis(200))
+            .await
+            .context("member connection")?
+        {
+            Some(f) if f["type"] == "message" => {
                 seqs.push(f["seq"].as_u64().context("message without seq")?);
             }
-            Ok(_) => {}
-            Err(e) if c.close_code.is_some() => return Err(e.context("member connection closed")),
-            Err(_) => {} // quiet for a moment; look at `last` again
+            _ => {}
         }
     }
 }

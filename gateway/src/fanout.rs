@@ -770,6 +770,8 @@ async fn join_task(
     done: oneshot::Sender<JoinResult>,
 ) {
     let id = conn.id;
+    // Who a failed join is unregistered as (below).
+    let leaver = user.clone();
     let req = NodeRequest::Join {
         room: room.clone(),
         user,
@@ -816,21 +818,11 @@ async fn join_task(
                     ))
             );
             if unsure {
-                let NodeRequest::Join {
-                    room,
-                    user,
-                    gateway,
-                    conn,
-                    ..
-                } = req
-                else {
-                    unreachable!("built above")
-                };
                 let leave = NodeRequest::Leave {
                     room,
-                    user,
-                    gateway,
-                    conn,
+                    user: leaver,
+                    gateway: hub.inner.gateway.clone(),
+                    conn: id,
                 };
                 if let Err(e) = hub.inner.client.call(&leave).await {
                     tracing::warn!(error = %e, "leave after a failed join not delivered");

@@ -252,15 +252,21 @@ impl RoomHub {
             None => members,
         };
         for (conn, user) in members {
-            let req = NodeRequest::Leave {
-                room: room.clone(),
-                user,
-                gateway: self.inner.gateway.clone(),
-                conn,
-            };
-            if let Err(e) = self.inner.client.call(&req).await {
-                tracing::warn!(error = %e, "leave not delivered to the owner");
-            }
+            self.unregister(&room, user, conn).await;
+        }
+    }
+
+    /// Tells the room's owner (or the member's shard) that connection
+    /// `conn` of `user` left; best effort, logged when it cannot be told.
+    async fn unregister(&self, room: &RoomId, user: UserId, conn: u64) {
+        let req = NodeRequest::Leave {
+            room: room.clone(),
+            user,
+            gateway: self.inner.gateway.clone(),
+            conn,
+        };
+        if let Err(e) = self.inner.client.call(&req).await {
+            tracing::warn!(%room, error = %e, "leave not delivered to the owner");
         }
     }
 
@@ -743,18 +749,9 @@ impl RoomTask {
     }
 
     fn send_leave(&self, user: UserId, conn: u64) {
-        let client = self.hub.inner.client.clone();
-        let req = NodeRequest::Leave {
-            room: self.room.clone(),
-            user,
-            gateway: self.hub.inner.gateway.clone(),
-            conn,
-        };
-        tokio::spawn(async move {
-            if let Err(e) = client.call(&req).await {
-                tracing::warn!(error = %e, "leave not delivered to the owner");
-            }
-        });
+        let hub = self.hub.clone();
+        let room = self.room.clone();
+        tokio::spawn(async move { hub.unregister(&room, user, conn).await });
     }
 }
 
@@ -818,15 +815,7 @@ async fn join_task(
                     ))
             );
             if unsure {
-                let leave = NodeRequest::Leave {
-                    room,
-                    user: leaver,
-                    gateway: hub.inner.gateway.clone(),
-                    conn: id,
-                };
-                if let Err(e) = hub.inner.client.call(&leave).await {
-                    tracing::warn!(error = %e, "leave after a failed join not delivered");
-                }
+                hub.unregister(&room, leaver, id).await;
             }
             crate::route::failure_frame(other, None, "join")
         }

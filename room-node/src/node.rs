@@ -382,8 +382,14 @@ async fn to_shard(
         shards: count,
         reply,
     };
+    let key = (room.clone(), index);
+    if !shards.contains_key(&key) {
+        // Before starting one, forget the shards that ended on their own
+        // (idle), so the map holds only live actors.
+        shards.retain(|_, h| !h.is_closed());
+    }
     for _ in 0..2 {
-        let handle = shards.entry((room.clone(), index)).or_insert_with(|| {
+        let handle = shards.entry(key.clone()).or_insert_with(|| {
             let (handle, task) =
                 shard::spawn(room.clone(), index, count, deps.clone(), cancel.clone());
             tracker.spawn(async move {
@@ -405,7 +411,7 @@ async fn to_shard(
             Err(mpsc::error::TrySendError::Full(_)) => return,
             Err(mpsc::error::TrySendError::Closed(c)) => {
                 // It ended (idle): start a fresh one.
-                shards.remove(&(room.clone(), index));
+                shards.remove(&key);
                 cmd = c;
             }
         }

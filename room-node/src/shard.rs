@@ -99,6 +99,11 @@ impl ShardHandle {
     ) -> Result<(), mpsc::error::TrySendError<ShardCommand>> {
         self.tx.try_send(cmd)
     }
+
+    /// The actor has ended (idle, lease lost, or shut down).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 /// Starts member shard `index` of `room`, split into `shards`. It ends when

@@ -486,6 +486,15 @@ async fn to_sequencer(deps: &ShardDeps, room: &RoomId, req: &NodeRequest) -> Opt
     None
 }
 
+/// What a member hears when no sequencer answered: retryable.
+fn sequencer_unreachable() -> ReplyHead {
+    ReplyHead::Error {
+        code: ErrorCode::Unavailable,
+        message: "the room's sequencer is not reachable; retry".into(),
+        retry_after_ms: Some(1000),
+    }
+}
+
 /// Forwards one batch; the sequencer answers each send itself. A batch no
 /// sequencer took is answered `unavailable` send by send (the gateway's
 /// client resends with the same `client_id`, so nothing is doubled).
@@ -501,12 +510,7 @@ async fn forward_batch(deps: ShardDeps, room: RoomId, sends: Vec<ForwardedSend>)
     let NodeRequest::Forward { sends, .. } = req else {
         return;
     };
-    let head = ReplyHead::Error {
-        code: ErrorCode::Unavailable,
-        message: "the room's sequencer is not reachable; retry".into(),
-        retry_after_ms: Some(1000),
-    };
-    let payload = encode_reply(&head, &[]);
+    let payload = encode_reply(&sequencer_unreachable(), &[]);
     for s in sends {
         if let Some(to) = s.reply {
             let _ = deps.bus.publish(to, payload.clone()).await;
@@ -522,14 +526,7 @@ async fn backlog(deps: ShardDeps, room: RoomId, since: Option<u64>, to: String) 
     };
     let payload = match to_sequencer(&deps, &room, &req).await {
         Some(bytes) => bytes,
-        None => encode_reply(
-            &ReplyHead::Error {
-                code: ErrorCode::Unavailable,
-                message: "the room's sequencer is not reachable; retry".into(),
-                retry_after_ms: Some(1000),
-            },
-            &[],
-        ),
+        None => encode_reply(&sequencer_unreachable(), &[]),
     };
     let _ = deps.bus.publish(to, payload).await;
 }

@@ -596,9 +596,7 @@ impl RoomActor {
                 self.on_leave(&gateway, conn, &user).await;
                 let head = if self.shards > 1 && !was_here {
                     // The member is registered at its shard.
-                    ReplyHead::Sharded {
-                        shards: self.shards,
-                    }
+                    self.sharded()
                 } else {
                     ReplyHead::Left
                 };
@@ -607,9 +605,7 @@ impl RoomActor {
             NodeRequest::Users { .. } => {
                 let head = if self.shards > 1 {
                     // Each shard knows its own members.
-                    ReplyHead::Sharded {
-                        shards: self.shards,
-                    }
+                    self.sharded()
                 } else {
                     user_list(self.user_conns.keys())
                 };
@@ -1050,9 +1046,7 @@ impl RoomActor {
     ) {
         if self.shards > 1 {
             // Members of a split room register at their shard.
-            let head = ReplyHead::Sharded {
-                shards: self.shards,
-            };
+            let head = self.sharded();
             self.reply(reply, &head, &[]).await;
             return;
         }
@@ -1073,6 +1067,13 @@ impl RoomActor {
     }
 
     /// Users present: the roster's, or in a split room the shards' sum.
+    /// The answer to a member request that belongs at a member shard.
+    fn sharded(&self) -> ReplyHead {
+        ReplyHead::Sharded {
+            shards: self.shards,
+        }
+    }
+
     fn present(&self) -> u64 {
         if self.shards > 1 {
             self.shard_counts.values().sum()

@@ -13,6 +13,7 @@
 #   PG_FSYNC=on               Postgres fsync (on: every ack is durable)
 #   KEEP=1                    keep the work directory (logs) afterwards
 #   SERVER_LOG=warn           RUST_LOG of both servers (e.g. to time a split)
+#   BIN=target/release        where the three binaries are (to compare builds)
 # Needs: cargo build --release --workspace --bins; nats-server (>= 2.10)
 # at target/tools/venv/bin/nats-server (./scripts/test.sh installs it) or
 # NATS_SERVER; Postgres binaries under /usr/lib/postgresql; root (for
@@ -21,7 +22,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-[ $# -ge 2 ] || { sed -n '2,20p' "$0"; exit 64; }
+[ $# -ge 2 ] || { sed -n '2,21p' "$0"; exit 64; }
 OUT=$1
 shift
 
@@ -29,7 +30,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PG_FSYNC=${PG_FSYNC:-on}
 NATS_SERVER=${NATS_SERVER:-$ROOT/target/tools/venv/bin/nats-server}
-BIN=$ROOT/target/release
+BIN=${BIN:-$ROOT/target/release}
 for b in chat-gateway chat-room-node chat-load; do
   [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
 done

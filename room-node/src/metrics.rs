@@ -32,6 +32,9 @@ pub struct NodeMetrics {
     pub flush_failing: IntGauge,
     /// Room batches the database rejected (then reconciled and retried).
     pub flush_rejected: IntCounter,
+    /// Room batches sent back unwritten because an earlier batch of the
+    /// same room was rejected; they are renumbered and written again.
+    pub flush_cancelled: IntCounter,
     /// Rows committed.
     pub rows_persisted: IntCounter,
     /// Time from a send reaching its room actor to its commit (the ack
@@ -152,6 +155,11 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
         flush_rejected: register_int_counter!(
             "chat_room_flush_rejected_total",
             "Room batches rejected by the database and reconciled"
+        )
+        .unwrap(),
+        flush_cancelled: register_int_counter!(
+            "chat_room_flush_cancelled_total",
+            "Room batches sent back unwritten behind a rejected batch of the same room"
         )
         .unwrap(),
         rows_persisted: register_int_counter!(

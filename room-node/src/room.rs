@@ -7,7 +7,8 @@
 //! dedup never burns a seq) → rate limit → high-water check → seq assigned,
 //! row buffered (the first buffered row arms the alarm) → the batch is due
 //! at `flush_batch` rows or when the alarm fires → handed to the node
-//! writer (one batch in flight per room keeps order) → after commit: the
+//! writer (up to `MAX_IN_FLIGHT` batches per room, committed in order) →
+//! after commit: the
 //! frame is serialised once, published on the room subject, kept in the
 //! recent ring, and the sender gets its `ack`. Nothing is broadcast or
 //! acknowledged before commit, so a seq that was never committed was never
@@ -39,6 +40,11 @@ pub const MAILBOX: usize = 4096;
 const BACKLOG_PAGE: u32 = 500;
 /// Commands taken from the mailbox per loop turn.
 const TAKE: usize = 128;
+/// Batches a room may have at the writer at once. A busy room keeps
+/// filling batches of `flush_batch` rows while earlier ones commit, and the
+/// writer takes them into the same group commit: one commit carries up to
+/// this many batches of the room, without any batch exceeding its size.
+pub const MAX_IN_FLIGHT: usize = 4;
 
 /// Settings every room actor of a node shares.
 #[derive(Debug, Clone)]
@@ -153,6 +159,8 @@ struct Pending {
 }
 
 struct InFlight {
+    /// The seq of its first row.
+    first_seq: u64,
     replies: Vec<Vec<String>>,
     received: Vec<Instant>,
     done: oneshot::Receiver<(Vec<Row>, Outcome)>,
@@ -183,7 +191,13 @@ struct RoomActor {
     members: HashMap<(NodeId, u64), UserId>,
     user_conns: HashMap<UserId, u32>,
     buffer: VecDeque<Pending>,
-    inflight: Option<InFlight>,
+    /// Batches at the writer, oldest first; the writer answers in order.
+    inflight: VecDeque<InFlight>,
+    /// Rows in `inflight`.
+    inflight_rows: usize,
+    /// Bumped by every reconcile: the writer cancels batches older than a
+    /// rejection (see `writer::Outcome::Cancelled`).
+    generation: u64,
     alarm: Option<Instant>,
     alarm_fired: bool,
     dedup: HashMap<(UserId, String), (u64, String)>,
@@ -288,7 +302,9 @@ impl RoomActor {
             members: HashMap::new(),
             user_conns: HashMap::new(),
             buffer: VecDeque::new(),
-            inflight: None,
+            inflight: VecDeque::new(),
+            inflight_rows: 0,
+            generation: 0,
             shards: 1,
             shard_counts: HashMap::new(),
             announced: 0,
@@ -333,7 +349,7 @@ impl RoomActor {
         let mut cmds = Vec::with_capacity(TAKE);
         loop {
             self.maybe_submit();
-            if self.stopping && self.buffer.is_empty() && self.inflight.is_none() {
+            if self.stopping && self.buffer.is_empty() && self.inflight.is_empty() {
                 break;
             }
             self.update_idle();
@@ -355,8 +371,9 @@ impl RoomActor {
                     self.alarm = None;
                     self.alarm_fired = true;
                 }
-                res = async { (&mut self.inflight.as_mut().expect("guarded").done).await }, if self.inflight.is_some() => {
-                    let inflight = self.inflight.take().expect("guarded");
+                res = async { (&mut self.inflight.front_mut().expect("guarded").done).await }, if !self.inflight.is_empty() => {
+                    let inflight = self.inflight.pop_front().expect("guarded");
+                    self.inflight_rows -= inflight.replies.len();
                     match res {
                         Ok((rows, Outcome::Committed { ts_ms })) => {
                             for t in &inflight.received {
@@ -364,7 +381,14 @@ impl RoomActor {
                             }
                             self.committed(rows, inflight.replies, ts_ms).await;
                         }
-                        Ok((rows, Outcome::Rejected { reason })) => self.reconcile(rows, inflight.replies, &reason).await,
+                        Ok((rows, Outcome::Rejected { reason })) => {
+                            self.rejected(rows, inflight.replies, &reason).await;
+                        }
+                        Ok((rows, Outcome::Cancelled)) => {
+                            // Only follows a rejection, which `rejected`
+                            // already collected; taken the same way if not.
+                            self.rejected(rows, inflight.replies, "an earlier batch was rejected").await;
+                        }
                         Ok((_, Outcome::Fenced)) => self.on_fenced(inflight.replies).await,
                         Err(_) => {
                             // The writer is gone: only happens at process exit.
@@ -520,7 +544,7 @@ impl RoomActor {
         let idle = self.members.is_empty()
             && self.shard_counts.values().all(|&n| n == 0)
             && self.buffer.is_empty()
-            && self.inflight.is_none();
+            && self.inflight.is_empty();
         match (idle, self.idle_since) {
             (true, None) => self.idle_since = Some(Instant::now()),
             (false, Some(_)) => self.idle_since = None,
@@ -717,8 +741,7 @@ impl RoomActor {
                 self.buckets.retain(|_, b| !b.is_full(cfg.rate, now));
             }
         }
-        let in_flight = self.inflight.as_ref().map_or(0, |f| f.replies.len());
-        if self.buffer.len() + in_flight >= cfg.high_water {
+        if self.buffer.len() + self.inflight_rows >= cfg.high_water {
             METRICS.overloaded.inc();
             let retry = Some(Duration::from_millis(500));
             self.error(
@@ -764,26 +787,32 @@ impl RoomActor {
                 }
             }
         }
-        if let Some(f) = &mut self.inflight {
-            // In-flight rows are the ones just below the buffer.
-            let first = self.next_seq - self.buffer.len() as u64 - f.replies.len() as u64;
-            if let Some(r) = f.replies.get_mut((seq - first) as usize) {
+        // In-flight rows are the ones just below the buffer, oldest first.
+        if let Some(f) = self.inflight.iter_mut().rev().find(|f| f.first_seq <= seq) {
+            if let Some(r) = f.replies.get_mut((seq - f.first_seq) as usize) {
                 r.push(to);
             }
         }
     }
 
-    /// Hands a due batch to the writer when none is in flight.
+    /// Hands due batches to the writer while fewer than `MAX_IN_FLIGHT`
+    /// are there.
     fn maybe_submit(&mut self) {
-        if self.inflight.is_some() || self.buffer.is_empty() {
-            return;
+        while self.inflight.len() < MAX_IN_FLIGHT && !self.buffer.is_empty() {
+            let cfg = &self.deps.config;
+            let due = self.alarm_fired || self.stopping || self.buffer.len() >= cfg.flush_batch;
+            if !due || !self.submit_one() {
+                return;
+            }
         }
+    }
+
+    /// Hands the next batch to the writer; false when the writer's queue
+    /// is full (the rows stay buffered until the next alarm).
+    fn submit_one(&mut self) -> bool {
         let cfg = &self.deps.config;
-        let due = self.alarm_fired || self.stopping || self.buffer.len() >= cfg.flush_batch;
-        if !due {
-            return;
-        }
         let n = self.buffer.len().min(cfg.flush_batch);
+        let first_seq = self.buffer.front().map_or(0, |p| p.row.seq);
         let (tx, rx) = oneshot::channel();
         let mut rows = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(n);
@@ -796,13 +825,16 @@ impl RoomActor {
         let job = FlushJob {
             room: self.room.clone(),
             epoch: self.epoch,
+            generation: self.generation,
             rows,
             done: tx,
         };
         match self.deps.writer.submit(job) {
             Ok(()) => {
                 self.stats.batches += 1;
-                self.inflight = Some(InFlight {
+                self.inflight_rows += replies.len();
+                self.inflight.push_back(InFlight {
+                    first_seq,
                     replies,
                     received,
                     done: rx,
@@ -816,6 +848,7 @@ impl RoomActor {
                     self.stats.alarms_armed += 1;
                     METRICS.alarms_armed.inc();
                 }
+                true
             }
             Err(job) => {
                 // The writer's queue is full: put the rows back in order and
@@ -831,6 +864,7 @@ impl RoomActor {
                 }
                 self.alarm_fired = false;
                 self.alarm = Some(Instant::now() + cfg.flush_interval);
+                false
             }
         }
     }
@@ -894,6 +928,45 @@ impl RoomActor {
     /// the dedup window), publish and answer those, and renumber the rest
     /// after the true `last_seq`. Nothing of ours was shown before, so the
     /// renumbering is invisible.
+    /// A batch came back unwritten (rejected, or cancelled behind a
+    /// rejection): the room's later batches at the writer come back
+    /// cancelled, as the writer stops writing the room's rows of this
+    /// generation. Collects them in order, behind this one, then
+    /// reconciles everything that is not yet written.
+    async fn rejected(&mut self, mut rows: Vec<Row>, mut replies: Vec<Vec<String>>, reason: &str) {
+        while let Some(f) = self.inflight.pop_front() {
+            self.inflight_rows -= f.replies.len();
+            match f.done.await {
+                // A commit cannot follow a rejection of the same
+                // generation; were it to, the reconcile reads its rows back
+                // from the database and publishes them like any other.
+                Ok((
+                    more,
+                    Outcome::Rejected { .. } | Outcome::Cancelled | Outcome::Committed { .. },
+                )) => {
+                    rows.extend(more);
+                    replies.extend(f.replies);
+                }
+                Ok((_, Outcome::Fenced)) => {
+                    self.on_fenced(f.replies).await;
+                }
+                Err(_) => {
+                    tracing::error!(room = %self.room, "writer stopped with a batch in flight");
+                }
+            }
+        }
+        if self.fenced {
+            // Another node owns the room: these senders go there.
+            METRICS.buffered_messages.sub(rows.len() as i64);
+            for to in replies.into_iter().flatten() {
+                self.reply(Some(to), &ReplyHead::NotOwner, &[]).await;
+            }
+            return;
+        }
+        self.generation += 1;
+        self.reconcile(rows, replies, reason).await;
+    }
+
     async fn reconcile(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, reason: &str) {
         tracing::warn!(room = %self.room, reason, "reconciling a rejected batch with the database");
         let mut pending: VecDeque<Pending> = rows

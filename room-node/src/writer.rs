@@ -8,7 +8,16 @@
 //! a group (a constraint or a value), each room is committed alone so one
 //! room's bad rows never fail the others; the rejected room gets its rows
 //! back to reconcile.
+//!
+//! A room may have several batches queued here at once (a busy room keeps
+//! filling batches while one commits). They are committed in the order
+//! they were submitted, so a room's rows stay in seq order across batches.
+//! Once one of them is rejected, the room's later batches of the same
+//! generation are answered [`Outcome::Cancelled`] without being written:
+//! their seqs follow the rejected ones, which the room is about to
+//! renumber, so writing them would leave a gap.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +34,9 @@ const MAX_JOBS_PER_COMMIT: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Batches that may wait for the writer: one per active room at most, as a
-/// room has a single batch in flight.
+/// Batches that may wait for the writer. A room has at most
+/// `room::MAX_IN_FLIGHT` batches queued; a room that finds the queue full
+/// keeps its rows and tries again at its next alarm.
 pub const QUEUE: usize = 65_536;
 
 /// What happened to a room's batch.
@@ -44,6 +54,10 @@ pub enum Outcome {
     },
     /// Nothing was written: another node holds the room's lease now.
     Fenced,
+    /// Nothing was written: an earlier batch of the room, of the same
+    /// generation, was rejected. The rows go back to the room, which
+    /// renumbers them with the rejected ones.
+    Cancelled,
 }
 
 /// One room's batch, handed to the writer.
@@ -53,6 +67,9 @@ pub struct FlushJob {
     pub room: RoomId,
     /// The lease epoch the room holds.
     pub epoch: u64,
+    /// Bumped by the room each time it reconciles a rejected batch:
+    /// batches of an older generation than a rejection are cancelled.
+    pub generation: u64,
     /// Its rows, in seq order.
     pub rows: Vec<Row>,
     /// Gets the rows back with the outcome.
@@ -101,8 +118,37 @@ pub fn spawn(
     (WriterHandle { tx }, task)
 }
 
+/// Rooms whose batch was rejected, with the (epoch, generation) rejected:
+/// their queued batches up to that point are cancelled. An entry goes when
+/// a newer batch of the room arrives (the room has reconciled). One whose
+/// room never writes again stays, a few dozen bytes: rejections are rare
+/// (they need a rival writer or a row the database refuses), and dropping
+/// an entry early could let a stale batch through.
+#[derive(Debug, Default)]
+struct Poisoned(HashMap<RoomId, (u64, u64)>);
+
+impl Poisoned {
+    /// Whether `job` must be cancelled; forgets the room once a newer
+    /// batch shows it reconciled.
+    fn cancels(&mut self, job: &FlushJob) -> bool {
+        match self.0.get(&job.room) {
+            Some(&mark) if (job.epoch, job.generation) <= mark => true,
+            Some(_) => {
+                self.0.remove(&job.room);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark(&mut self, job: &FlushJob) {
+        self.0.insert(job.room.clone(), (job.epoch, job.generation));
+    }
+}
+
 async fn run(store: Arc<dyn Store>, fence: Fence, mut rx: mpsc::Receiver<FlushJob>) {
     let mut jobs = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
+    let mut poisoned = Poisoned::default();
     while rx.recv_many(&mut jobs, MAX_JOBS_PER_COMMIT).await > 0 {
         // Rooms whose alarms fell on the same boundary are ready at the
         // same instant; let them hand in their batches before committing,
@@ -114,13 +160,36 @@ async fn run(store: Arc<dyn Store>, fence: Fence, mut rx: mpsc::Receiver<FlushJo
                 Err(_) => break,
             }
         }
-        commit_group(&*store, &fence, &mut jobs).await;
+        cancel_poisoned(&mut poisoned, &mut jobs);
+        if !jobs.is_empty() {
+            commit_group(&*store, &fence, &mut jobs, &mut poisoned).await;
+        }
     }
+}
+
+/// Answers [`Outcome::Cancelled`] to the jobs that follow a rejection of
+/// their room, and keeps the rest in order.
+fn cancel_poisoned(poisoned: &mut Poisoned, jobs: &mut Vec<FlushJob>) {
+    let mut kept = Vec::with_capacity(jobs.len());
+    for job in jobs.drain(..) {
+        if poisoned.cancels(&job) {
+            METRICS.flush_cancelled.inc();
+            answer(job, Outcome::Cancelled);
+        } else {
+            kept.push(job);
+        }
+    }
+    *jobs = kept;
 }
 
 /// Commits `jobs` together, retrying while the database is unavailable;
 /// isolates rooms when it rejects the group. Answers every job.
-async fn commit_group(store: &dyn Store, fence: &Fence, jobs: &mut Vec<FlushJob>) {
+async fn commit_group(
+    store: &dyn Store,
+    fence: &Fence,
+    jobs: &mut Vec<FlushJob>,
+    poisoned: &mut Poisoned,
+) {
     match commit_retrying(store, fence, jobs).await {
         Ok((ts_ms, fenced)) => {
             for (i, job) in jobs.drain(..).enumerate() {
@@ -136,6 +205,7 @@ async fn commit_group(store: &dyn Store, fence: &Fence, jobs: &mut Vec<FlushJob>
         Err(reason) if jobs.len() == 1 => {
             METRICS.flush_rejected.inc();
             tracing::warn!(room = %jobs[0].room, %reason, "database rejected a room batch");
+            poisoned.mark(&jobs[0]);
             for job in jobs.drain(..) {
                 answer(
                     job,
@@ -146,10 +216,14 @@ async fn commit_group(store: &dyn Store, fence: &Fence, jobs: &mut Vec<FlushJob>
             }
         }
         Err(_) => {
-            // Find the bad room(s): commit each room on its own.
+            // Find the bad room(s): commit each batch on its own, in order,
+            // so a room's batches after its rejected one are cancelled.
             for job in std::mem::take(jobs) {
                 let mut one = vec![job];
-                Box::pin(commit_group(store, fence, &mut one)).await;
+                cancel_poisoned(poisoned, &mut one);
+                if !one.is_empty() {
+                    Box::pin(commit_group(store, fence, &mut one, poisoned)).await;
+                }
             }
         }
     }

@@ -158,3 +158,88 @@ async fn shard_counts_are_fenced_by_the_lease_and_survive_a_takeover() -> anyhow
     );
     Ok(())
 }
+
+/// A busy room hands the writer several batches at once, and they share a
+/// group commit: the same room (and lease) appears more than once in one
+/// statement. Every row of every batch is written, in seq order, and the
+/// room is fenced in none of them; a stale epoch fences all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_commit_takes_several_batches_of_one_room() -> anyhow::Result<()> {
+    let url = fresh_database().await?;
+    let store = PgStore::connect(&url, 4).await?;
+    let owner = NodeId::new("node-a")?;
+    let ttl = Duration::from_secs(30);
+    let user = UserId::new("ann")?;
+    let room = RoomId::new("busy")?;
+    let other = RoomId::new("quiet")?;
+    let epoch = store
+        .acquire_lease(room.as_str(), &owner, ttl)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("lease not free"))?;
+    let other_epoch = store
+        .acquire_lease(other.as_str(), &owner, ttl)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("lease not free"))?;
+    let rows = |from: u64| -> Vec<Row> {
+        (from..from + 50)
+            .map(|seq| Row {
+                seq,
+                id: format!("busy-{seq}"),
+                user: user.clone(),
+                text: format!("message {seq}"),
+                client_id: format!("c{seq}"),
+            })
+            .collect()
+    };
+    let (b1, b2, b3) = (rows(1), rows(51), rows(101));
+    let quiet = vec![Row {
+        seq: 1,
+        id: "quiet-1".into(),
+        user: user.clone(),
+        text: "hello".into(),
+        client_id: "q1".into(),
+    }];
+    let batch = |room, epoch, rows| RoomRows { room, epoch, rows };
+    let fenced = store
+        .commit(
+            &owner,
+            &[
+                batch(&room, epoch, &b1),
+                batch(&other, other_epoch, &quiet),
+                batch(&room, epoch, &b2),
+                batch(&room, epoch, &b3),
+            ],
+            ttl,
+            1_000,
+        )
+        .await?;
+    anyhow::ensure!(fenced.is_empty(), "fenced {fenced:?}");
+    let (page, _) = store
+        .history(
+            &room,
+            chat_room_node::store::Page {
+                before: None,
+                after: Some(0),
+                limit: 500,
+            },
+        )
+        .await?;
+    let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+    anyhow::ensure!(seqs == (1..=150).collect::<Vec<_>>(), "seqs {seqs:?}");
+    // Under an epoch the room no longer holds, every batch is fenced.
+    let (b4, b5) = (rows(151), rows(201));
+    let fenced = store
+        .commit(
+            &owner,
+            &[batch(&room, epoch + 1, &b4), batch(&room, epoch + 1, &b5)],
+            ttl,
+            2_000,
+        )
+        .await?;
+    anyhow::ensure!(fenced == vec![0, 1], "fenced {fenced:?}");
+    anyhow::ensure!(
+        store.load_room(&room, 10, 10).await?.last_seq == 150,
+        "nothing written under a stale epoch"
+    );
+    Ok(())
+}

@@ -493,6 +493,97 @@ async fn rejected_batch_is_reconciled_and_renumbered_without_gaps() {
     );
 }
 
+/// Acks for `n` sends, in the order they come; panics on any other reply.
+async fn ack_seqs(h: &mut Harness, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(n);
+    for _ in 0..n {
+        match next_reply(h, Duration::from_secs(5)).await {
+            Some(ReplyHead::Ack { seq, .. }) => seqs.push(seq),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    seqs
+}
+
+/// A busy room keeps filling batches while one commits; the batches that
+/// filled meanwhile reach the writer together and share one commit, so a
+/// room is not held to one batch of `flush_batch` rows per commit.
+#[tokio::test(start_paused = true)]
+async fn a_busy_room_commits_the_batches_that_filled_meanwhile_together() {
+    let gate = Arc::new(Semaphore::new(0));
+    let store = FakeStore {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let mut h = harness(store, config()).await;
+    for i in 0..200 {
+        send(&h, "ann", &format!("c{i}"));
+    }
+    // The first commit waits at the gate while the room fills the rest.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.add_permits(100);
+    for want in 1..=200 {
+        assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(want));
+    }
+    assert_eq!(ack_seqs(&mut h, 200).await, (1..=200).collect::<Vec<_>>());
+    let (stats, store) = stop(h).await;
+    assert_eq!(stats.batches, 4, "four batches of flush_batch (50) rows");
+    let commits = store.state.lock().unwrap().commits;
+    assert!(
+        commits <= 2,
+        "the batches queued behind the first share a commit: {commits} commits"
+    );
+    let seqs: Vec<u64> = store.rows("r").iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+}
+
+/// When the database rejects a batch, the room's batches queued behind it
+/// must not be written (their seqs follow the rejected ones, which are
+/// renumbered): they come back cancelled and are renumbered with it, so
+/// the room's seqs stay without gaps and in send order.
+#[tokio::test(start_paused = true)]
+async fn batches_behind_a_rejected_one_are_renumbered_with_it() {
+    let gate = Arc::new(Semaphore::new(0));
+    let store = FakeStore {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let mut h = harness(store, config()).await;
+    // Let the actor load (last_seq 0), then a rival writes seq 1.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    {
+        let mut s = h.store.state.lock().unwrap();
+        let m = Message {
+            room: room(),
+            seq: 1,
+            id: "rival".into(),
+            user: UserId::new("zed").unwrap(),
+            text: "from a rival owner".into(),
+            ts: 1,
+            client_id: "z1".into(),
+        };
+        s.rows.insert(("r".into(), 1), m);
+    }
+    for i in 0..200 {
+        send(&h, "ann", &format!("c{i}"));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.add_permits(100);
+    for want in 1..=201 {
+        assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(want));
+    }
+    assert_eq!(ack_seqs(&mut h, 200).await, (2..=201).collect::<Vec<_>>());
+    let (_, store) = stop(h).await;
+    let rows: Vec<(u64, String)> = store
+        .rows("r")
+        .into_iter()
+        .map(|m| (m.seq, m.client_id))
+        .collect();
+    let mut want = vec![(1, "z1".to_string())];
+    want.extend((0..200).map(|i| (i + 2, format!("c{i}"))));
+    assert_eq!(rows, want);
+}
+
 #[tokio::test(start_paused = true)]
 async fn rate_limit_answers_with_a_retry_hint() {
     let cfg = RoomConfig {

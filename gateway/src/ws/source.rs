@@ -25,15 +25,15 @@ pub trait Source: Unpin + Send {
 
 impl Source for OwnedReadHalf {
     async fn read_into(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
-        loop {
-            self.readable().await?;
-            buf.reserve(want);
-            match self.try_read_buf(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        self.readable().await?;
+        buf.reserve(want);
+        // Through `AsyncRead`, not `try_read_buf`: tokio's read forgets the
+        // socket's readiness when a read comes back short of the buffer (the
+        // kernel had no more), so the next call waits for epoll instead of
+        // making a read that can only fail with `WouldBlock`. That was one
+        // wasted syscall per frame received. Readiness is rarely spurious;
+        // when it is, this waits with the buffer reserved.
+        self.read_buf(buf).await
     }
 }
 

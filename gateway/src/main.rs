@@ -45,7 +45,17 @@ async fn main() -> ExitCode {
         telemetry::shutdown_signal().await;
         signal.cancel();
     });
-    match chat_gateway::run(config, listener, shutdown).await {
+    // On a worker thread, not in `main`'s block_on: with the main thread
+    // serving the gateway's loop, every request crossed threads (a futex
+    // wake each way), which showed up as context switches under load.
+    let res = match tokio::spawn(chat_gateway::run(config, listener, shutdown)).await {
+        Ok(res) => res,
+        Err(e) => {
+            eprintln!("gateway stopped: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(
             e @ (chat_gateway::Error::Config(_)

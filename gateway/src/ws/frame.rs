@@ -163,6 +163,10 @@ pub fn apply_mask(payload: &mut [u8], key: [u8; 4]) {
     }
 }
 
+/// The longest header of an unmasked (server) frame: 2 bytes and a 64-bit
+/// length.
+pub const MAX_SERVER_HEADER: usize = 10;
+
 /// Appends a whole, unfragmented frame header for a payload of `len`
 /// bytes to `out`; with `mask`, a client frame (tests and tools).
 pub fn write_header(

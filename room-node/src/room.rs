@@ -15,6 +15,7 @@
 //! seen by anyone and may be reassigned when the database rejects a batch.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -45,6 +46,14 @@ const TAKE: usize = 128;
 /// writer takes them into the same group commit: one commit carries up to
 /// this many batches of the room, without any batch exceeding its size.
 pub const MAX_IN_FLIGHT: usize = 4;
+
+/// Batch generations, shared by every room actor of the process so they
+/// only ever grow (see `writer::FlushJob::generation`).
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Settings every room actor of a node shares.
 #[derive(Debug, Clone)]
@@ -195,8 +204,8 @@ struct RoomActor {
     inflight: VecDeque<InFlight>,
     /// Rows in `inflight`.
     inflight_rows: usize,
-    /// Bumped by every reconcile: the writer cancels batches older than a
-    /// rejection (see `writer::Outcome::Cancelled`).
+    /// Renewed by every reconcile: the writer cancels this actor's batches
+    /// of a rejected generation (see `writer::Outcome::Cancelled`).
     generation: u64,
     alarm: Option<Instant>,
     alarm_fired: bool,
@@ -304,7 +313,7 @@ impl RoomActor {
             buffer: VecDeque::new(),
             inflight: VecDeque::new(),
             inflight_rows: 0,
-            generation: 0,
+            generation: next_generation(),
             shards: 1,
             shard_counts: HashMap::new(),
             announced: 0,
@@ -932,7 +941,9 @@ impl RoomActor {
     /// rejection): the room's later batches at the writer come back
     /// cancelled, as the writer stops writing the room's rows of this
     /// generation. Collects them in order, behind this one, then
-    /// reconciles everything that is not yet written.
+    /// reconciles everything that is not yet written. It waits for them
+    /// here, mailbox unread: they are behind at most the writer's queue,
+    /// the wait they had anyway, and rejections are rare.
     async fn rejected(&mut self, mut rows: Vec<Row>, mut replies: Vec<Vec<String>>, reason: &str) {
         while let Some(f) = self.inflight.pop_front() {
             self.inflight_rows -= f.replies.len();
@@ -963,7 +974,7 @@ impl RoomActor {
             }
             return;
         }
-        self.generation += 1;
+        self.generation = next_generation();
         self.reconcile(rows, replies, reason).await;
     }
 

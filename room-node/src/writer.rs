@@ -67,8 +67,10 @@ pub struct FlushJob {
     pub room: RoomId,
     /// The lease epoch the room holds.
     pub epoch: u64,
-    /// Bumped by the room each time it reconciles a rejected batch:
-    /// batches of an older generation than a rejection are cancelled.
+    /// Drawn from a process-wide counter by each room actor when it starts
+    /// and each time it reconciles a rejected batch: the actor's batches of
+    /// the rejected generation or older are cancelled, and a later actor of
+    /// the room never starts at a generation an old mark would cancel.
     pub generation: u64,
     /// Its rows, in seq order.
     pub rows: Vec<Row>,
@@ -119,26 +121,31 @@ pub fn spawn(
 }
 
 /// Rooms whose batch was rejected, with the (epoch, generation) rejected:
-/// their queued batches up to that point are cancelled. An entry goes when
-/// a newer batch of the room arrives (the room has reconciled). One whose
-/// room never writes again stays, a few dozen bytes: rejections are rare
-/// (they need a rival writer or a row the database refuses), and dropping
-/// an entry early could let a stale batch through.
+/// the rejected actor's queued batches up to that generation are
+/// cancelled. Only the same epoch is compared: another epoch is another
+/// actor of the room (one that lost or took the lease), whose batches go
+/// to the database and are fenced there by epoch. An entry goes when a
+/// newer batch of the room arrives (the actor reconciled, or a newer actor
+/// writes). One whose room never writes again stays, a few dozen bytes:
+/// rejections are rare (they need a rival writer or a row the database
+/// refuses), and dropping an entry early could let a stale batch through.
 #[derive(Debug, Default)]
 struct Poisoned(HashMap<RoomId, (u64, u64)>);
 
 impl Poisoned {
     /// Whether `job` must be cancelled; forgets the room once a newer
-    /// batch shows it reconciled.
+    /// batch shows the rejection is behind it.
     fn cancels(&mut self, job: &FlushJob) -> bool {
-        match self.0.get(&job.room) {
-            Some(&mark) if (job.epoch, job.generation) <= mark => true,
-            Some(_) => {
-                self.0.remove(&job.room);
-                false
-            }
-            None => false,
+        let Some(&(epoch, generation)) = self.0.get(&job.room) else {
+            return false;
+        };
+        if job.epoch == epoch && job.generation <= generation {
+            return true;
         }
+        if (job.epoch, job.generation) > (epoch, generation) {
+            self.0.remove(&job.room);
+        }
+        false
     }
 
     fn mark(&mut self, job: &FlushJob) {
@@ -279,4 +286,45 @@ async fn commit_retrying(
 fn answer(job: FlushJob, outcome: Outcome) {
     // The room may have stopped (process shutting down); then nobody waits.
     let _ = job.done.send((job.rows, outcome));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(epoch: u64, generation: u64) -> FlushJob {
+        let (done, _) = oneshot::channel();
+        FlushJob {
+            room: RoomId::new("r").unwrap(),
+            epoch,
+            generation,
+            rows: Vec::new(),
+            done,
+        }
+    }
+
+    #[test]
+    fn a_rejection_cancels_its_actors_batches_up_to_its_generation() {
+        let mut p = Poisoned::default();
+        p.mark(&job(3, 10));
+        assert!(p.cancels(&job(3, 9)));
+        assert!(p.cancels(&job(3, 10)));
+        // The reconciled actor's next generation clears the mark.
+        assert!(!p.cancels(&job(3, 11)));
+        assert!(!p.cancels(&job(3, 10)), "forgotten once reconciled");
+    }
+
+    #[test]
+    fn other_actors_of_the_room_are_left_to_the_database_fence() {
+        let mut p = Poisoned::default();
+        p.mark(&job(4, 20));
+        // An older actor (it lost the lease): not cancelled, its batch is
+        // fenced by epoch in the store; the newer actor's mark stays.
+        assert!(!p.cancels(&job(3, 25)));
+        assert!(p.cancels(&job(4, 20)));
+        // A newer actor: passes and clears the old actor's mark, whose
+        // remaining batches the store fences.
+        assert!(!p.cancels(&job(5, 1)));
+        assert!(!p.cancels(&job(4, 20)));
+    }
 }

@@ -241,5 +241,38 @@ async fn one_commit_takes_several_batches_of_one_room() -> anyhow::Result<()> {
         store.load_room(&room, 10, 10).await?.last_seq == 150,
         "nothing written under a stale epoch"
     );
+    // The node takes the room again (a new actor, epoch + 1) while the old
+    // actor still has a batch queued: both land in one commit, and only
+    // the current epoch's rows are written, though their seqs do not clash.
+    let epoch2 = store
+        .acquire_lease(room.as_str(), &owner, ttl)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("own lease not renewable"))?;
+    anyhow::ensure!(epoch2 == epoch + 1, "epoch {epoch2}");
+    let (stale, current) = (rows(151), rows(201));
+    let fenced = store
+        .commit(
+            &owner,
+            &[batch(&room, epoch, &stale), batch(&room, epoch2, &current)],
+            ttl,
+            3_000,
+        )
+        .await?;
+    anyhow::ensure!(fenced == vec![0], "fenced {fenced:?}");
+    let (page, _) = store
+        .history(
+            &room,
+            chat_room_node::store::Page {
+                before: None,
+                after: Some(150),
+                limit: 500,
+            },
+        )
+        .await?;
+    let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+    anyhow::ensure!(
+        seqs == (201..=250).collect::<Vec<_>>(),
+        "only the current epoch's rows: {seqs:?}"
+    );
     Ok(())
 }

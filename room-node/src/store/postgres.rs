@@ -93,6 +93,7 @@ impl Store for PgStore {
     ) -> Result<Vec<usize>> {
         let n: usize = batches.iter().map(|b| b.rows.len()).sum();
         let mut rooms = Vec::with_capacity(n);
+        let mut epochs = Vec::with_capacity(n);
         let mut seqs = Vec::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
         let mut users = Vec::with_capacity(n);
@@ -101,6 +102,7 @@ impl Store for PgStore {
         for b in batches {
             for r in b.rows {
                 rooms.push(b.room.as_str());
+                epochs.push(b.epoch as i64);
                 seqs.push(r.seq as i64);
                 ids.push(r.id.as_str());
                 users.push(r.user.as_str());
@@ -113,8 +115,13 @@ impl Store for PgStore {
         // The matched lease rows stay locked until commit, so a new
         // owner's acquire waits for this commit and then reads its rows.
         // They are locked in room order, as the renewal locks them: in any
-        // other order the two deadlock.
-        let written: Vec<String> = sqlx::query_scalar(
+        // other order the two deadlock. Rows are fenced by room *and*
+        // epoch: one group can carry batches of the same room from an
+        // actor that just lost the lease and from the one that took it
+        // (both on this node), and only the current epoch's may be written.
+        // The statement answers the (room, epoch) pairs that held; a data-
+        // modifying WITH runs whether or not the answer reads it.
+        let held: Vec<(String, i64)> = sqlx::query_as(
             "WITH locked AS ( \
                  SELECT l.room FROM room_leases l \
                  JOIN UNNEST($8::text[], $9::int8[]) AS f(room, epoch) \
@@ -123,13 +130,14 @@ impl Store for PgStore {
              fence AS ( \
                  UPDATE room_leases l SET expires_at = now() + make_interval(secs => $10::float8 / 1000) \
                  FROM locked WHERE l.room = locked.room \
-                 RETURNING l.room) \
-             INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) \
-             SELECT r, s, i, u, b, c, to_timestamp($7::float8 / 1000) \
-             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-             AS t(r, s, i, u, b, c) \
-             WHERE t.r IN (SELECT room FROM fence) \
-             RETURNING room",
+                 RETURNING l.room, l.epoch), \
+             written AS ( \
+                 INSERT INTO messages (room, seq, id, user_id, body, client_id, created_at) \
+                 SELECT r, s, i, u, b, c, to_timestamp($7::float8 / 1000) \
+                 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $12::int8[]) \
+                 AS t(r, s, i, u, b, c, e) \
+                 WHERE (t.r, t.e) IN (SELECT room, epoch FROM fence)) \
+             SELECT room, epoch FROM fence",
         )
         .bind(&rooms)
         .bind(&seqs)
@@ -142,14 +150,15 @@ impl Store for PgStore {
         .bind(&lease_epochs)
         .bind(ttl.as_millis() as i64)
         .bind(owner.as_str())
+        .bind(&epochs)
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        let written: HashSet<String> = written.into_iter().collect();
+        let held: HashSet<(String, i64)> = held.into_iter().collect();
         Ok(batches
             .iter()
             .enumerate()
-            .filter(|(_, b)| !written.contains(b.room.as_str()))
+            .filter(|(_, b)| !held.contains(&(b.room.as_str().to_owned(), b.epoch as i64)))
             .map(|(i, _)| i)
             .collect())
     }

@@ -159,6 +159,17 @@ async fn shard_counts_are_fenced_by_the_lease_and_survive_a_takeover() -> anyhow
     Ok(())
 }
 
+/// The seqs stored for `room` after `after`, in order.
+async fn seqs_after(store: &PgStore, room: &RoomId, after: u64) -> anyhow::Result<Vec<u64>> {
+    let page = chat_room_node::store::Page {
+        before: None,
+        after: Some(after),
+        limit: 500,
+    };
+    let (msgs, _) = store.history(room, page).await?;
+    Ok(msgs.iter().map(|m| m.seq).collect())
+}
+
 /// A busy room hands the writer several batches at once, and they share a
 /// group commit: the same room (and lease) appears more than once in one
 /// statement. Every row of every batch is written, in seq order, and the
@@ -214,17 +225,7 @@ async fn one_commit_takes_several_batches_of_one_room() -> anyhow::Result<()> {
         )
         .await?;
     anyhow::ensure!(fenced.is_empty(), "fenced {fenced:?}");
-    let (page, _) = store
-        .history(
-            &room,
-            chat_room_node::store::Page {
-                before: None,
-                after: Some(0),
-                limit: 500,
-            },
-        )
-        .await?;
-    let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+    let seqs = seqs_after(&store, &room, 0).await?;
     anyhow::ensure!(seqs == (1..=150).collect::<Vec<_>>(), "seqs {seqs:?}");
     // Under an epoch the room no longer holds, every batch is fenced.
     let (b4, b5) = (rows(151), rows(201));
@@ -259,17 +260,7 @@ async fn one_commit_takes_several_batches_of_one_room() -> anyhow::Result<()> {
         )
         .await?;
     anyhow::ensure!(fenced == vec![0], "fenced {fenced:?}");
-    let (page, _) = store
-        .history(
-            &room,
-            chat_room_node::store::Page {
-                before: None,
-                after: Some(150),
-                limit: 500,
-            },
-        )
-        .await?;
-    let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+    let seqs = seqs_after(&store, &room, 150).await?;
     anyhow::ensure!(
         seqs == (201..=250).collect::<Vec<_>>(),
         "only the current epoch's rows: {seqs:?}"

@@ -413,11 +413,7 @@ async fn failed_flush_keeps_order_and_retries_and_nothing_is_broadcast_before_co
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_broadcast_while_the_commit_is_in_flight() {
-    let gate = Arc::new(Semaphore::new(0));
-    let store = FakeStore {
-        gate: Some(gate.clone()),
-        ..Default::default()
-    };
+    let (store, gate) = gated();
     let mut h = harness(store, config()).await;
     send(&h, "ann", "c1");
     assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, None);
@@ -457,24 +453,27 @@ async fn resends_get_the_original_seq_and_burn_none() {
     assert_eq!(store.rows("r").len(), 2);
 }
 
+/// Lets the actor load (last_seq 0), then writes seq 1 as a rival owner
+/// would, so the room's first batch is rejected.
+async fn rival_writes_seq_1(h: &Harness) {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut s = h.store.state.lock().unwrap();
+    let m = Message {
+        room: room(),
+        seq: 1,
+        id: "rival".into(),
+        user: UserId::new("zed").unwrap(),
+        text: "from a rival owner".into(),
+        ts: 1,
+        client_id: "z1".into(),
+    };
+    s.rows.insert(("r".into(), 1), m);
+}
+
 #[tokio::test(start_paused = true)]
 async fn rejected_batch_is_reconciled_and_renumbered_without_gaps() {
     let mut h = harness(FakeStore::default(), config()).await;
-    // Let the actor load (last_seq 0), then a rival writes seq 1.
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    {
-        let mut s = h.store.state.lock().unwrap();
-        let m = Message {
-            room: room(),
-            seq: 1,
-            id: "rival".into(),
-            user: UserId::new("zed").unwrap(),
-            text: "from a rival owner".into(),
-            ts: 1,
-            client_id: "z1".into(),
-        };
-        s.rows.insert(("r".into(), 1), m);
-    }
+    rival_writes_seq_1(&h).await;
     send(&h, "ann", "a1");
     send(&h, "ann", "a2");
     // The rival's message is published first, then ours renumbered.
@@ -491,6 +490,26 @@ async fn rejected_batch_is_reconciled_and_renumbered_without_gaps() {
         rows,
         vec![(1, "z1".into()), (2, "a1".into()), (3, "a2".into())]
     );
+}
+
+/// A store whose commits each wait for a permit of the returned gate.
+fn gated() -> (FakeStore, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let store = FakeStore {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    (store, gate)
+}
+
+/// Sends `n` messages (client ids c0, c1, …) while commits wait at the
+/// gate, gives the room time to hand in its batches, then opens the gate.
+async fn send_behind_gate(h: &Harness, gate: &Semaphore, n: usize) {
+    for i in 0..n {
+        send(h, "ann", &format!("c{i}"));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.add_permits(100);
 }
 
 /// Acks for `n` sends, in the order they come; panics on any other reply.
@@ -510,18 +529,10 @@ async fn ack_seqs(h: &mut Harness, n: usize) -> Vec<u64> {
 /// room is not held to one batch of `flush_batch` rows per commit.
 #[tokio::test(start_paused = true)]
 async fn a_busy_room_commits_the_batches_that_filled_meanwhile_together() {
-    let gate = Arc::new(Semaphore::new(0));
-    let store = FakeStore {
-        gate: Some(gate.clone()),
-        ..Default::default()
-    };
+    let (store, gate) = gated();
     let mut h = harness(store, config()).await;
-    for i in 0..200 {
-        send(&h, "ann", &format!("c{i}"));
-    }
     // The first commit waits at the gate while the room fills the rest.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    gate.add_permits(100);
+    send_behind_gate(&h, &gate, 200).await;
     for want in 1..=200 {
         assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(want));
     }
@@ -543,32 +554,10 @@ async fn a_busy_room_commits_the_batches_that_filled_meanwhile_together() {
 /// the room's seqs stay without gaps and in send order.
 #[tokio::test(start_paused = true)]
 async fn batches_behind_a_rejected_one_are_renumbered_with_it() {
-    let gate = Arc::new(Semaphore::new(0));
-    let store = FakeStore {
-        gate: Some(gate.clone()),
-        ..Default::default()
-    };
+    let (store, gate) = gated();
     let mut h = harness(store, config()).await;
-    // Let the actor load (last_seq 0), then a rival writes seq 1.
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    {
-        let mut s = h.store.state.lock().unwrap();
-        let m = Message {
-            room: room(),
-            seq: 1,
-            id: "rival".into(),
-            user: UserId::new("zed").unwrap(),
-            text: "from a rival owner".into(),
-            ts: 1,
-            client_id: "z1".into(),
-        };
-        s.rows.insert(("r".into(), 1), m);
-    }
-    for i in 0..200 {
-        send(&h, "ann", &format!("c{i}"));
-    }
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    gate.add_permits(100);
+    rival_writes_seq_1(&h).await;
+    send_behind_gate(&h, &gate, 200).await;
     for want in 1..=201 {
         assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(want));
     }
@@ -689,11 +678,7 @@ async fn join_backlog_and_history_come_from_the_ring() {
 
 #[tokio::test(start_paused = true)]
 async fn past_the_high_water_mark_sends_get_overloaded_and_nothing_is_dropped() {
-    let gate = Arc::new(Semaphore::new(0));
-    let store = FakeStore {
-        gate: Some(gate.clone()),
-        ..Default::default()
-    };
+    let (store, gate) = gated();
     let cfg = RoomConfig {
         flush_batch: 2,
         high_water: 3,
@@ -771,11 +756,7 @@ async fn an_empty_room_reports_idle_and_ends_when_its_handle_is_dropped() {
 
 #[tokio::test(start_paused = true)]
 async fn a_fenced_batch_writes_nothing_and_senders_are_sent_to_the_new_owner() {
-    let gate = Arc::new(Semaphore::new(0));
-    let store = FakeStore {
-        gate: Some(gate.clone()),
-        ..Default::default()
-    };
+    let (store, gate) = gated();
     let mut h = harness(store, config()).await;
     send(&h, "ann", "a1");
     // The batch is in flight (the commit waits at the gate) when another

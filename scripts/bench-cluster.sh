@@ -11,6 +11,7 @@
 # recorded in the results with --server-setting. Also:
 #   SERVER_CPU=0 LOAD_CPU=1   cores for the server side and the tool
 #   PG_FSYNC=on               Postgres fsync (on: every ack is durable)
+#   PG_OPTS="-c k=v ..."      more Postgres settings (e.g. to log autovacuum)
 #   KEEP=1                    keep the work directory (logs) afterwards
 #   SERVER_LOG=warn           RUST_LOG of both servers (e.g. to time a split)
 #   BIN=target/release        where the three binaries are (to compare builds)
@@ -22,7 +23,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-[ $# -ge 2 ] || { sed -n '2,21p' "$0"; exit 64; }
+[ $# -ge 2 ] || { sed -n '2,22p' "$0"; exit 64; }
 OUT=$1
 shift
 
@@ -73,7 +74,7 @@ echo "[bench] private Postgres on :$PG_PORT (fsync=$PG_FSYNC), pinned to core $S
 mkdir -p "$WORK/pg" && chown postgres:postgres "$WORK/pg" && chmod 700 "$WORK/pg"
 runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -A trust -U postgres --no-sync >"$WORK/initdb.log" 2>&1
 taskset -c "$SERVER_CPU" runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -w -l "$WORK/pg/server.log" \
-  -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c fsync=$PG_FSYNC -c max_connections=200" start >/dev/null
+  -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c fsync=$PG_FSYNC -c max_connections=200 ${PG_OPTS:-}" start >/dev/null
 PG_PID=$(head -n1 "$WORK/pg/postmaster.pid")
 DB=bench_$(date +%s)
 psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE $DB"

@@ -8,9 +8,8 @@
 //! row buffered (the first buffered row arms the alarm) → the batch is due
 //! at `flush_batch` rows or when the alarm fires → handed to the node
 //! writer (up to `MAX_IN_FLIGHT` batches per room, committed in order) →
-//! after commit: the
-//! frame is serialised once, published on the room subject, kept in the
-//! recent ring, and the sender gets its `ack`. Nothing is broadcast or
+//! after commit: the frame is serialised once, published on the room
+//! subject, kept in the recent ring, and the sender gets its `ack`. Nothing is broadcast or
 //! acknowledged before commit, so a seq that was never committed was never
 //! seen by anyone and may be reassigned when the database rejects a batch.
 
@@ -932,11 +931,6 @@ impl RoomActor {
         }
     }
 
-    /// The database refused a batch: find out what it already holds (a
-    /// commit that did land, a rival owner's rows, or resends older than
-    /// the dedup window), publish and answer those, and renumber the rest
-    /// after the true `last_seq`. Nothing of ours was shown before, so the
-    /// renumbering is invisible.
     /// A batch came back unwritten (rejected, or cancelled behind a
     /// rejection): the room's later batches at the writer come back
     /// cancelled, as the writer stops writing the room's rows of this
@@ -978,6 +972,11 @@ impl RoomActor {
         self.reconcile(rows, replies, reason).await;
     }
 
+    /// The database refused a batch: find out what it already holds (a
+    /// commit that did land, a rival owner's rows, or resends older than
+    /// the dedup window), publish and answer those, and renumber the rest
+    /// after the true `last_seq`. Nothing of ours was shown before, so the
+    /// renumbering is invisible.
     async fn reconcile(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, reason: &str) {
         tracing::warn!(room = %self.room, reason, "reconciling a rejected batch with the database");
         let mut pending: VecDeque<Pending> = rows

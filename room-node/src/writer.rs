@@ -177,16 +177,11 @@ async fn run(store: Arc<dyn Store>, fence: Fence, mut rx: mpsc::Receiver<FlushJo
 /// Answers [`Outcome::Cancelled`] to the jobs that follow a rejection of
 /// their room, and keeps the rest in order.
 fn cancel_poisoned(poisoned: &mut Poisoned, jobs: &mut Vec<FlushJob>) {
-    let mut kept = Vec::with_capacity(jobs.len());
-    for job in jobs.drain(..) {
-        if poisoned.cancels(&job) {
-            METRICS.flush_cancelled.inc();
-            answer(job, Outcome::Cancelled);
-        } else {
-            kept.push(job);
-        }
+    // In place: every group passes here, and almost never is one cancelled.
+    for job in jobs.extract_if(.., |job| poisoned.cancels(job)) {
+        METRICS.flush_cancelled.inc();
+        answer(job, Outcome::Cancelled);
     }
-    *jobs = kept;
 }
 
 /// Commits `jobs` together, retrying while the database is unavailable;

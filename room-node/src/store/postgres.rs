@@ -154,11 +154,11 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        let held: HashSet<(String, i64)> = held.into_iter().collect();
+        let held: HashSet<(&str, i64)> = held.iter().map(|(r, e)| (r.as_str(), *e)).collect();
         Ok(batches
             .iter()
             .enumerate()
-            .filter(|(_, b)| !held.contains(&(b.room.as_str().to_owned(), b.epoch as i64)))
+            .filter(|(_, b)| !held.contains(&(b.room.as_str(), b.epoch as i64)))
             .map(|(i, _)| i)
             .collect())
     }

@@ -32,6 +32,15 @@ struct FakeStore {
     gate: Option<Arc<Semaphore>>,
 }
 
+/// Room `r`'s stored (seq, client_id) pairs, in seq order.
+fn seqs_and_client_ids(store: &FakeStore) -> Vec<(u64, String)> {
+    store
+        .rows("r")
+        .into_iter()
+        .map(|m| (m.seq, m.client_id))
+        .collect()
+}
+
 impl FakeStore {
     fn rows(&self, room: &str) -> Vec<Message> {
         let s = self.state.lock().unwrap();
@@ -481,11 +490,7 @@ async fn rejected_batch_is_reconciled_and_renumbered_without_gaps() {
     assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(2));
     assert_eq!(next_event(&mut h, Duration::from_secs(5)).await, Some(3));
     let (_, store) = stop(h).await;
-    let rows: Vec<(u64, String)> = store
-        .rows("r")
-        .into_iter()
-        .map(|m| (m.seq, m.client_id))
-        .collect();
+    let rows = seqs_and_client_ids(&store);
     assert_eq!(
         rows,
         vec![(1, "z1".into()), (2, "a1".into()), (3, "a2".into())]
@@ -563,11 +568,7 @@ async fn batches_behind_a_rejected_one_are_renumbered_with_it() {
     }
     assert_eq!(ack_seqs(&mut h, 200).await, (2..=201).collect::<Vec<_>>());
     let (_, store) = stop(h).await;
-    let rows: Vec<(u64, String)> = store
-        .rows("r")
-        .into_iter()
-        .map(|m| (m.seq, m.client_id))
-        .collect();
+    let rows = seqs_and_client_ids(&store);
     let mut want = vec![(1, "z1".to_string())];
     want.extend((0..200).map(|i| (i + 2, format!("c{i}"))));
     assert_eq!(rows, want);

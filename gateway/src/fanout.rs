@@ -439,6 +439,13 @@ impl RoomTask {
                     self.on_message(seq, frame);
                 }
             }
+            Ok(Event::Messages { first, frames }) => {
+                for (seq, frame) in (first..).zip(frames) {
+                    if let Some(frame) = text(frame) {
+                        self.on_message(seq, frame);
+                    }
+                }
+            }
             Ok(Event::Presence { user, frame }) => {
                 if let Some(frame) = text(frame) {
                     // A user's own connections never hear of their own

@@ -15,10 +15,12 @@
 //! - [`fanout`]: per-room subscriptions, gap repair, backlog merge.
 //! - [`serve`]: the HTTP/1.1 accept loop (header timeout, pending limit).
 //! - [`route`]: requests to room owners with bounded retries.
+//! - [`batch`]: sends to the same room node, batched into one request.
 //! - [`metrics`], [`state`].
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod conn;
 pub mod fanout;

@@ -31,6 +31,9 @@ pub struct GatewayMetrics {
     pub auth_failures: IntCounter,
     /// Time from a `send` frame to its `ack`.
     pub send_ack_seconds: Histogram,
+    /// Sends per bus request to a room node (see `batch`): 1 at low load,
+    /// growing with it.
+    pub node_batch_sends: Histogram,
     /// Failed tries of requests to room nodes by kind (one request may
     /// fail several tries and still succeed).
     pub node_request_errors: IntCounterVec,
@@ -146,6 +149,12 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
             "chat_gateway_send_ack_seconds",
             "Time from send to ack",
             latency
+        )
+        .unwrap(),
+        node_batch_sends: register_histogram!(
+            "chat_gateway_node_batch_sends",
+            "Sends per bus request to a room node",
+            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]
         )
         .unwrap(),
         node_request_errors: register_int_counter_vec!(

@@ -18,6 +18,7 @@ use chat_protocol::{ErrorCode, RoomId, ServerFrame, UserId};
 use chat_room_node::bus::{Bus, BusError};
 use tokio::sync::{broadcast, watch};
 
+use crate::batch::Batcher;
 use crate::metrics::METRICS;
 
 /// Tries before a request is answered `unavailable`.
@@ -98,6 +99,7 @@ pub struct NodeClient {
     placement: watch::Receiver<Placement>,
     timeout: Duration,
     shards: Arc<ShardCounts>,
+    batcher: Arc<Batcher>,
 }
 
 /// The shard counts of the split rooms this gateway has heard of (rooms
@@ -129,10 +131,11 @@ impl NodeClient {
         timeout: Duration,
     ) -> Self {
         Self {
-            bus,
+            bus: bus.clone(),
             subjects,
             placement,
             timeout,
+            batcher: Arc::new(Batcher::new(bus.clone(), timeout)),
             shards: Arc::new(ShardCounts {
                 counts: Mutex::new(HashMap::new()),
                 grew: broadcast::channel(256).0,
@@ -312,18 +315,30 @@ impl NodeClient {
     ) -> Result<(ReplyHead, Vec<Bytes>), RouteError> {
         let payload = Bytes::from(serde_json::to_vec(req).expect("requests serialise"));
         let key = req.placement_key();
+        // Plain sends travel in batches, to nodes that take them;
+        // everything else (joins, a big room's member requests, reads)
+        // alone.
+        let send = matches!(req, NodeRequest::Send { .. });
         let mut placement = self.placement.clone();
         let mut backoff = FIRST_BACKOFF;
         let mut last = String::from("no room node is live");
         for _ in 0..ATTEMPTS {
-            let owner = placement.borrow_and_update().owner_of(&key);
+            let (owner, batches) = {
+                let ring = placement.borrow_and_update();
+                let owner = ring.owner_of(&key);
+                let batches = owner.as_ref().is_some_and(|o| ring.batches(o));
+                (owner, batches)
+            };
             if let Some(owner) = owner {
                 let subject = self.subjects.node_inbox(&owner);
-                match self
-                    .bus
-                    .request(subject, payload.clone(), self.timeout)
-                    .await
-                {
+                let reply = if send && batches {
+                    self.batcher.request(&subject, payload.clone()).await
+                } else {
+                    self.bus
+                        .request(subject, payload.clone(), self.timeout)
+                        .await
+                };
+                match reply {
                     Ok(bytes) => match decode_reply(&bytes) {
                         Ok((ReplyHead::NotOwner, _)) => {
                             METRICS

@@ -294,6 +294,68 @@ fn split_lines(payload: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
     })
 }
 
+/// Most sends one batch carries. A room node refuses larger batches.
+pub const MAX_BATCH_SENDS: usize = 256;
+
+/// Sends bound for the same room node, as one request: a JSON array of
+/// [`NodeRequest::Send`]s, built from their own encodings without parsing
+/// them again (`payloads` are `serde_json` encodings of requests). The
+/// node answers with [`encode_batch_reply`]. A batch is what makes the bus
+/// carry one message per batch instead of one per send, each way.
+pub fn encode_batch<'a>(payloads: impl IntoIterator<Item = &'a Bytes>) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(b'[');
+    for (i, p) in payloads.into_iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(p);
+    }
+    out.put_u8(b']');
+    out.freeze()
+}
+
+/// Whether a request payload is a batch (a JSON array), not one request.
+pub fn is_batch(payload: &[u8]) -> bool {
+    payload.first() == Some(&b'[')
+}
+
+/// Decodes a batch made by [`encode_batch`].
+///
+/// # Errors
+/// When the payload is not an array of requests.
+pub fn decode_batch(payload: &[u8]) -> Result<Vec<NodeRequest>, DecodeError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Encodes the reply to a batch: one reply head per line, in the batch's
+/// order. A single head (with no newline) answers every send alike: that
+/// is how a node refuses a whole batch.
+pub fn encode_batch_reply<'a>(heads: impl IntoIterator<Item = &'a ReplyHead>) -> Bytes {
+    let mut out = Vec::new();
+    for (i, head) in heads.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        serde_json::to_writer(&mut out, head).expect("reply heads always serialise");
+    }
+    Bytes::from(out)
+}
+
+/// Splits the reply to a batch of `n` sends into one reply per send (each
+/// a slice of `payload`, decoded with [`decode_reply`]).
+///
+/// # Errors
+/// When the reply holds neither `n` answers nor one for all.
+pub fn decode_batch_reply(payload: &Bytes, n: usize) -> Result<Vec<Bytes>, DecodeError> {
+    let lines: Vec<Bytes> = split_lines(payload).collect();
+    match lines.len() {
+        len if len == n => Ok(lines),
+        1 => Ok(vec![lines[0].clone(); n]),
+        _ => Err(DecodeError::Framing),
+    }
+}
+
 /// A room event as published on the room subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -303,6 +365,15 @@ pub enum Event {
         seq: u64,
         /// The `message` frame.
         frame: Bytes,
+    },
+    /// Committed messages with consecutive seqs from `first`, in order:
+    /// what one commit of several messages of a room publishes, as one bus
+    /// message instead of one per message.
+    Messages {
+        /// The first message's seq; the others follow it one by one.
+        first: u64,
+        /// The `message` frames.
+        frames: Vec<Bytes>,
     },
     /// The room has a new owner (or the same one restarted): gateways
     /// re-register their members with it.
@@ -329,8 +400,8 @@ pub enum Event {
 }
 
 impl Event {
-    /// Encodes the event: `m <seq>\n<frame>`, `p <user>\n<frame>`, `r\n`,
-    /// `s <count>\n` or `a\n<frame>`.
+    /// Encodes the event: `m <seq>\n<frame>`, `M <first>\n<frame>\n<frame>...`,
+    /// `p <user>\n<frame>`, `r\n`, `s <count>\n` or `a\n<frame>`.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::new();
         match self {
@@ -340,6 +411,15 @@ impl Event {
                 out.put_slice(seq.to_string().as_bytes());
                 out.put_u8(b'\n');
                 out.put_slice(frame);
+            }
+            Self::Messages { first, frames } => {
+                out.reserve(frames.iter().map(|f| f.len() + 1).sum::<usize>() + 24);
+                out.put_slice(b"M ");
+                out.put_slice(first.to_string().as_bytes());
+                for f in frames {
+                    out.put_u8(b'\n');
+                    out.put_slice(f);
+                }
             }
             Self::Resync => out.put_slice(b"r\n"),
             Self::Shards { count } => {
@@ -391,6 +471,17 @@ impl Event {
                     .ok_or(DecodeError::Framing)?;
                 Ok(Self::Presence { user, frame })
             }
+            [b'M', b' ', digits @ ..] => {
+                let first = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(DecodeError::Framing)?;
+                let frames: Vec<Bytes> = split_lines(&frame).collect();
+                if frames.iter().any(Bytes::is_empty) {
+                    return Err(DecodeError::Framing);
+                }
+                Ok(Self::Messages { first, frames })
+            }
             [b'm', b' ', digits @ ..] => {
                 let seq = std::str::from_utf8(digits)
                     .ok()
@@ -414,11 +505,59 @@ pub struct NodeHeartbeat {
     pub draining: bool,
     /// Sender's wall clock, milliseconds since the Unix epoch.
     pub ts_ms: i64,
+    /// Speaks batches: takes several sends in one request
+    /// ([`encode_batch`]) and reads a commit of several messages as one
+    /// event ([`Event::Messages`]). Absent, so false, in the heartbeats of
+    /// releases before batches: peers keep to single requests and events
+    /// while such a process runs, so a rolling upgrade mixes both.
+    #[serde(default)]
+    pub batches: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_the_array_of_its_sends_and_its_reply_one_head_per_send() {
+        let send = |n: u32| NodeRequest::Send {
+            room: RoomId::new("r").unwrap(),
+            user: UserId::new("u").unwrap(),
+            text: format!("line\nbreak {n}"),
+            client_id: format!("c{n}"),
+        };
+        let sends: Vec<NodeRequest> = (0..3).map(send).collect();
+        let payloads: Vec<Bytes> = sends
+            .iter()
+            .map(|r| Bytes::from(serde_json::to_vec(r).unwrap()))
+            .collect();
+        let batch = encode_batch(&payloads);
+        assert!(is_batch(&batch));
+        assert!(!is_batch(&payloads[0]));
+        assert_eq!(decode_batch(&batch).unwrap(), sends);
+
+        let heads = [
+            ReplyHead::Ack {
+                seq: 1,
+                id: "a".into(),
+                duplicate: false,
+            },
+            ReplyHead::NotOwner,
+            ReplyHead::Error {
+                code: ErrorCode::RateLimited,
+                message: "slow\ndown".into(),
+                retry_after_ms: Some(5),
+            },
+        ];
+        let reply = encode_batch_reply(&heads);
+        let parts = decode_batch_reply(&reply, 3).unwrap();
+        let back: Vec<ReplyHead> = parts.iter().map(|p| decode_reply(p).unwrap().0).collect();
+        assert_eq!(back, heads);
+        // One head answers all; any other count is an error.
+        let all = decode_batch_reply(&encode_reply(&ReplyHead::NotOwner, &[]), 3).unwrap();
+        assert_eq!(all.len(), 3);
+        assert!(decode_batch_reply(&reply, 2).is_err());
+    }
 
     #[test]
     fn reply_round_trip_keeps_frames_byte_identical() {
@@ -457,6 +596,16 @@ mod tests {
             frame: Bytes::from_static(b"{\"type\":\"members\"}"),
         };
         assert_eq!(Event::decode(&a.encode()).unwrap(), a);
+        let ms = Event::Messages {
+            first: 7,
+            frames: vec![
+                Bytes::from_static(b"{\"a\":\"x\\ny\"}"),
+                Bytes::from_static(b"{}"),
+            ],
+        };
+        assert_eq!(Event::decode(&ms.encode()).unwrap(), ms);
+        assert!(Event::decode(&Bytes::from_static(b"M 7\n{}\n\n{}")).is_err());
+        assert!(Event::decode(&Bytes::from_static(b"M x\n{}")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"s x\n")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"m x\n{}")).is_err());
         assert!(Event::decode(&Bytes::from_static(b"garbage")).is_err());

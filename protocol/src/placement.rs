@@ -15,6 +15,9 @@ pub const VNODES: usize = 64;
 pub struct Placement {
     ring: Ring<String>,
     nodes: Vec<NodeId>,
+    /// Live nodes of a release without batches (see
+    /// `crate::bus::NodeHeartbeat::batches`); empty once all are upgraded.
+    unbatched: Vec<NodeId>,
 }
 
 impl std::fmt::Debug for Placement {
@@ -35,7 +38,22 @@ impl Placement {
             .vnodes(VNODES)
             .nodes_iter(nodes.iter().map(|n| n.as_str().to_owned()))
             .build();
-        Self { ring, nodes }
+        Self {
+            ring,
+            nodes,
+            unbatched: Vec::new(),
+        }
+    }
+
+    /// The same ring, noting which of its nodes take no batches.
+    pub fn with_unbatched(mut self, nodes: Vec<NodeId>) -> Self {
+        self.unbatched = nodes;
+        self
+    }
+
+    /// Whether `node` takes batched sends (every node of this release does).
+    pub fn batches(&self, node: &NodeId) -> bool {
+        !self.unbatched.contains(node)
     }
 
     /// The node that owns `room`, or `None` when no node is live.
@@ -72,6 +90,13 @@ mod tests {
 
     fn n(s: &str) -> NodeId {
         NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn nodes_take_batches_unless_noted() {
+        let p = Placement::new([n("a"), n("b")]).with_unbatched(vec![n("b")]);
+        assert!(p.batches(&n("a")));
+        assert!(!p.batches(&n("b")));
     }
 
     #[test]

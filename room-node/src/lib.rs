@@ -8,6 +8,7 @@
 //! - [`membership`]: heartbeats, liveness and the placement ring.
 //! - [`node`]: the inbox dispatcher that owns the room actors.
 //! - [`room`]: the room actor.
+//! - [`reply`]: where answers go (a subject, or a slot in a batch reply).
 //! - [`writer`]: the node-level group commit.
 //! - [`lease`]: bulk renewal of the room leases that fence ownership.
 //! - [`ratelimit`]: per-user token buckets.
@@ -21,6 +22,7 @@ pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod ratelimit;
+pub mod reply;
 pub mod room;
 pub mod shard;
 pub mod store;

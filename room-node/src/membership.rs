@@ -66,13 +66,30 @@ impl Liveness {
         self.nodes.insert(key, Seen { hb, at });
     }
 
-    fn live(&self, now: Instant) -> Vec<NodeId> {
-        self.nodes
-            .values()
-            .filter(|s| !s.hb.draining && now.duration_since(s.at) < self.ttl)
-            .map(|s| s.hb.node.clone())
-            .collect()
+    fn live(&self, now: Instant) -> Live {
+        let mut live = Live::default();
+        for s in self.nodes.values() {
+            if !s.hb.draining && now.duration_since(s.at) < self.ttl {
+                live.ids.push(s.hb.node.clone());
+                if !s.hb.batches {
+                    live.unbatched.push(s.hb.node.clone());
+                }
+            }
+        }
+        live.ids.sort();
+        live.unbatched.sort();
+        live
     }
+}
+
+/// The live, non-draining processes of one heartbeat bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Live {
+    /// Their ids, sorted.
+    pub ids: Vec<NodeId>,
+    /// Those of a release without batches (see [`NodeHeartbeat::batches`]),
+    /// sorted: peers send them single requests and events.
+    pub unbatched: Vec<NodeId>,
 }
 
 /// Watches the nodes bucket and keeps a [`Placement`] of the live,
@@ -89,7 +106,8 @@ pub async fn watch_placement(
     cancel: CancellationToken,
 ) -> Result<watch::Receiver<Placement>, BusError> {
     let mut live = watch_live(bus, subjects.nodes_bucket(), ttl, cancel.clone()).await?;
-    let (tx, rx) = watch::channel(Placement::new(live.borrow_and_update().clone()));
+    let ring = |l: &Live| Placement::new(l.ids.clone()).with_unbatched(l.unbatched.clone());
+    let (tx, rx) = watch::channel(ring(&live.borrow_and_update()));
     tokio::spawn(
         async move {
             loop {
@@ -97,7 +115,7 @@ pub async fn watch_placement(
                     r = live.changed() => if r.is_err() { return },
                     _ = cancel.cancelled() => return,
                 }
-                let p = Placement::new(live.borrow_and_update().clone());
+                let p = ring(&live.borrow_and_update());
                 tracing::info!(nodes = ?p.nodes(), "placement ring changed");
                 tx.send_replace(p);
             }
@@ -120,9 +138,9 @@ pub async fn watch_live(
     bucket: String,
     ttl: Duration,
     cancel: CancellationToken,
-) -> Result<watch::Receiver<Vec<NodeId>>, BusError> {
+) -> Result<watch::Receiver<Live>, BusError> {
     bus.kv_ensure(&bucket, ttl * 4).await?;
-    let (tx, rx) = watch::channel(Vec::new());
+    let (tx, rx) = watch::channel(Live::default());
     tokio::spawn(async move {
         let mut live = Liveness {
             ttl,
@@ -152,10 +170,9 @@ pub async fn watch_live(
                     _ = tick.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let mut ids = live.live(Instant::now());
-                ids.sort();
-                if *tx.borrow() != ids {
-                    tx.send_replace(ids);
+                let now = live.live(Instant::now());
+                if *tx.borrow() != now {
+                    tx.send_replace(now);
                 }
             }
         }
@@ -233,6 +250,7 @@ pub async fn heartbeat(
             instance: instance.clone(),
             draining: *draining.borrow(),
             ts_ms: now_ms(),
+            batches: true,
         };
         let payload = Bytes::from(serde_json::to_vec(&hb).expect("heartbeats serialise"));
         if let Err(e) = bus.kv_put(&bucket, node.as_str(), payload).await {
@@ -257,9 +275,28 @@ mod tests {
                 instance: "i".into(),
                 draining,
                 ts_ms: ts,
+                batches: node != "legacy",
             })
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn a_heartbeat_without_batches_is_noted() {
+        let mut l = Liveness {
+            ttl: Duration::from_secs(5),
+            nodes: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        l.observe("a".into(), Some(hb("a", now_ms(), false)), t0);
+        l.observe("legacy".into(), Some(hb("legacy", now_ms(), false)), t0);
+        // As a release before batches writes it: no `batches` field.
+        let old = br#"{"node":"b","instance":"i","draining":false,"ts_ms":0}"#;
+        let old = serde_json::from_slice::<NodeHeartbeat>(old).unwrap();
+        assert!(!old.batches);
+        let live = l.live(t0);
+        assert_eq!(live.ids.len(), 2);
+        assert_eq!(live.unbatched, vec![NodeId::new("legacy").unwrap()]);
     }
 
     #[test]
@@ -273,13 +310,13 @@ mod tests {
         l.observe("a".into(), Some(hb("a", now_ms(), false)), t0);
         l.observe("old".into(), Some(hb("old", now_ms() - 60_000, false)), t0);
         l.observe("d".into(), Some(hb("d", now_ms(), true)), t0);
-        assert_eq!(l.live(t0), vec![NodeId::new("a").unwrap()]);
+        assert_eq!(l.live(t0).ids, vec![NodeId::new("a").unwrap()]);
         // No new heartbeat for longer than the TTL: gone.
-        assert!(l.live(t0 + ttl + Duration::from_millis(1)).is_empty());
+        assert!(l.live(t0 + ttl + Duration::from_millis(1)).ids.is_empty());
         // A fresh heartbeat from the old node brings it back.
         l.observe("old".into(), Some(hb("old", now_ms() + 1, false)), t0 + ttl);
-        assert_eq!(l.live(t0 + ttl).len(), 1);
+        assert_eq!(l.live(t0 + ttl).ids.len(), 1);
         l.observe("old".into(), None, t0 + ttl);
-        assert!(l.live(t0 + ttl).is_empty());
+        assert!(l.live(t0 + ttl).ids.is_empty());
     }
 }

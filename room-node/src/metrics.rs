@@ -68,6 +68,9 @@ pub struct NodeMetrics {
     pub shard_members: Histogram,
     /// Sends member shards forwarded to sequencers.
     pub forwarded: IntCounter,
+    /// Sends per batch received from a gateway: how much the batching
+    /// saves the bus (1 would be one message per send each way).
+    pub batch_sends: Histogram,
 }
 
 /// The process-wide instance.
@@ -112,6 +115,12 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
         forwarded: register_int_counter!(
             "chat_room_forwarded_sends_total",
             "Sends member shards forwarded to sequencers"
+        )
+        .unwrap(),
+        batch_sends: register_histogram!(
+            "chat_room_batch_sends",
+            "Sends per batch received from a gateway",
+            vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]
         )
         .unwrap(),
         active_rooms: register_int_gauge!("chat_room_active_rooms", "Room actors running").unwrap(),

@@ -4,10 +4,13 @@
 //! touches it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_protocol::bus::{encode_reply, NodeRequest, ReplyHead};
+use chat_protocol::bus::{
+    decode_batch, encode_reply, is_batch, NodeRequest, ReplyHead, MAX_BATCH_SENDS,
+};
 use chat_protocol::placement::Placement;
 use chat_protocol::subjects::Subjects;
 use chat_protocol::{ErrorCode, NodeId, RoomId};
@@ -20,6 +23,7 @@ use crate::bus::{Bus, BusMessage};
 use crate::lease::LeaseTable;
 use crate::membership;
 use crate::metrics::METRICS;
+use crate::reply::{self, Reply};
 use crate::room::{self, RoomCommand, RoomConfig, RoomDeps, RoomHandle};
 use crate::shard::{self, ShardCommand, ShardDeps, ShardHandle};
 use crate::store::Store;
@@ -87,7 +91,8 @@ pub async fn serve(
     )
     .await
     .map_err(Error::Bus)?;
-    let mut live_gateways: Vec<NodeId> = gateways.borrow_and_update().clone();
+    let mut live_gateways: Vec<NodeId> = gateways.borrow_and_update().ids.clone();
+    let multi_events = Arc::new(AtomicBool::new(gateways.borrow().unbatched.is_empty()));
     let mut inbox = bus
         .subscribe(settings.subjects.node_inbox(&me))
         .await
@@ -125,6 +130,7 @@ pub async fn serve(
         node_id: me.clone(),
         leases,
         lease_ttl,
+        multi_events: multi_events.clone(),
     };
     let rooms_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -156,7 +162,16 @@ pub async fn serve(
                     break;
                 };
                 let mut here = Here { rooms: &mut rooms, shards: &mut shards };
-                dispatch(&me, &current, &deps, &shard_deps, &bus, &mut here, &tracker, &rooms_cancel, msg).await;
+                let cx = Ctx {
+                    me: &me,
+                    placement: &current,
+                    deps: &deps,
+                    shard_deps: &shard_deps,
+                    bus: &bus,
+                    tracker: &tracker,
+                    cancel: &rooms_cancel,
+                };
+                dispatch(&cx, &mut here, msg).await;
             }
             Some((room, processed)) = idle_rx.recv() => {
                 if rooms.get(&room).is_some_and(|e| e.sent == processed) {
@@ -185,7 +200,17 @@ pub async fn serve(
             }
             changed = gateways.changed() => {
                 if changed.is_err() { break; }
-                let now: Vec<NodeId> = gateways.borrow_and_update().clone();
+                let (now, unbatched) = {
+                    let live = gateways.borrow_and_update();
+                    (live.ids.clone(), !live.unbatched.is_empty())
+                };
+                if multi_events.swap(!unbatched, Ordering::Relaxed) == unbatched {
+                    tracing::info!(
+                        multi_events = !unbatched,
+                        "gateways of an older release {}",
+                        if unbatched { "are live: one event per message" } else { "are gone: one event per commit" }
+                    );
+                }
                 for gone in live_gateways.iter().filter(|g| !now.contains(g)) {
                     tracing::info!(gateway = %gone, "gateway gone: dropping its members from every room");
                     for e in rooms.values_mut() {
@@ -276,59 +301,117 @@ struct Here<'a> {
     shards: &'a mut Shards,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn dispatch(
-    me: &NodeId,
-    placement: &Placement,
-    deps: &RoomDeps,
-    shard_deps: &ShardDeps,
-    bus: &Arc<dyn Bus>,
-    here: &mut Here<'_>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-    msg: BusMessage,
-) {
-    let rooms = &mut *here.rooms;
+/// What a request is dispatched with: the node's view and its actors.
+struct Ctx<'a> {
+    me: &'a NodeId,
+    placement: &'a Placement,
+    deps: &'a RoomDeps,
+    shard_deps: &'a ShardDeps,
+    bus: &'a Arc<dyn Bus>,
+    tracker: &'a TaskTracker,
+    cancel: &'a CancellationToken,
+}
+
+impl Ctx<'_> {
+    fn owns(&self, req: &NodeRequest) -> bool {
+        self.placement.owner_of(&req.placement_key()).as_ref() == Some(self.me)
+    }
+}
+
+/// One request from the inbox, or a batch of sends.
+async fn dispatch(cx: &Ctx<'_>, here: &mut Here<'_>, msg: BusMessage) {
+    if is_batch(&msg.payload) {
+        dispatch_batch(cx, here, msg).await;
+        return;
+    }
     let reply = msg.reply;
     let req: NodeRequest = match serde_json::from_slice(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
             METRICS.commands.with_label_values(&["bad"]).inc();
-            let head = ReplyHead::Error {
-                code: ErrorCode::BadFrame,
-                message: format!("bad request: {e}"),
-                retry_after_ms: None,
-            };
-            answer(bus, reply, &head).await;
+            let head = bad_request(format!("bad request: {e}"));
+            answer(cx.bus, reply.map(Reply::Subject), &head).await;
             return;
         }
     };
-    let room = req.room().clone();
-    if placement.owner_of(&req.placement_key()).as_ref() != Some(me) {
+    if !cx.owns(&req) {
         METRICS.commands.with_label_values(&["not_owner"]).inc();
-        answer(bus, reply, &ReplyHead::NotOwner).await;
+        answer(cx.bus, reply.map(Reply::Subject), &ReplyHead::NotOwner).await;
         return;
     }
     if let NodeRequest::Shard { shard, shards, req } = req {
-        to_shard(
-            (room, shard, shards),
-            req,
-            reply,
-            shard_deps,
-            bus,
-            here.shards,
-            tracker,
-            cancel,
-        )
-        .await;
+        let room = req.room().clone();
+        to_shard((room, shard, shards), req, reply, cx, here.shards).await;
         return;
     }
+    to_room(req, reply.map(Reply::Subject), cx, here.rooms).await;
+}
+
+/// A batch of sends from one gateway: each goes to its room like a single
+/// send, answering in its slot of the batch's one reply. Only plain sends
+/// are batched (a big room's member requests, which a shard forwards on,
+/// travel alone), so anything else in a batch is refused in its slot.
+async fn dispatch_batch(cx: &Ctx<'_>, here: &mut Here<'_>, msg: BusMessage) {
+    let Some(to) = msg.reply else {
+        // Nobody to answer: a batch is always a request.
+        METRICS.commands.with_label_values(&["bad"]).inc();
+        return;
+    };
+    let reqs = match decode_batch(&msg.payload) {
+        Ok(reqs) if !reqs.is_empty() && reqs.len() <= MAX_BATCH_SENDS => reqs,
+        Ok(reqs) => {
+            METRICS.commands.with_label_values(&["bad"]).inc();
+            let message = format!(
+                "a batch of {} sends; between 1 and {MAX_BATCH_SENDS}",
+                reqs.len()
+            );
+            answer(cx.bus, Some(Reply::Subject(to)), &bad_request(message)).await;
+            return;
+        }
+        Err(e) => {
+            METRICS.commands.with_label_values(&["bad"]).inc();
+            let head = bad_request(format!("bad batch: {e}"));
+            answer(cx.bus, Some(Reply::Subject(to)), &head).await;
+            return;
+        }
+    };
+    METRICS.batch_sends.observe(reqs.len() as f64);
+    let slots = reply::batch(cx.bus.clone(), to, reqs.len());
+    for (req, slot) in reqs.into_iter().zip(slots) {
+        if !matches!(req, NodeRequest::Send { .. }) {
+            METRICS.commands.with_label_values(&["bad"]).inc();
+            slot.fill(&bad_request("only sends are batched".into()));
+        } else if !cx.owns(&req) {
+            METRICS.commands.with_label_values(&["not_owner"]).inc();
+            slot.fill(&ReplyHead::NotOwner);
+        } else {
+            to_room(req, Some(Reply::Slot(slot)), cx, here.rooms).await;
+        }
+    }
+}
+
+fn bad_request(message: String) -> ReplyHead {
+    ReplyHead::Error {
+        code: ErrorCode::BadFrame,
+        message,
+        retry_after_ms: None,
+    }
+}
+
+/// Hands a request to its room's actor, starting it on first use.
+async fn to_room(
+    req: NodeRequest,
+    reply: Option<Reply>,
+    cx: &Ctx<'_>,
+    rooms: &mut HashMap<RoomId, Entry>,
+) {
+    let room = req.room().clone();
     let mut cmd = RoomCommand::Request { req, reply };
     // Two tries: the second after replacing an actor that just ended.
     for _ in 0..2 {
         let entry = rooms.entry(room.clone()).or_insert_with(|| {
-            let (handle, task) = room::spawn(room.clone(), deps.clone(), cancel.clone());
-            tracker.spawn(async move {
+            let (handle, task) = room::spawn(room.clone(), cx.deps.clone(), cx.cancel.clone());
+            cx.tracker.spawn(async move {
                 if let Err(e) = task.await {
                     tracing::error!(error = %e, "room actor failed");
                 }
@@ -342,7 +425,7 @@ async fn dispatch(
                 return;
             }
             Err(mpsc::error::TrySendError::Full(RoomCommand::Request { reply, .. })) => {
-                busy(bus, reply, "room is busy; retry shortly").await;
+                busy(cx.bus, reply, "room is busy; retry shortly").await;
                 return;
             }
             // Only requests are ever sent through here.
@@ -356,25 +439,17 @@ async fn dispatch(
 }
 
 /// Hands a member request to its shard actor, starting it on first use.
-#[allow(clippy::too_many_arguments)]
 async fn to_shard(
     (room, index, count): (RoomId, u32, u32),
     req: Box<NodeRequest>,
     reply: Option<String>,
-    deps: &ShardDeps,
-    bus: &Arc<dyn Bus>,
+    cx: &Ctx<'_>,
     shards: &mut Shards,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
 ) {
     if index >= count || count > room::MAX_SHARDS {
         METRICS.commands.with_label_values(&["bad"]).inc();
-        let head = ReplyHead::Error {
-            code: ErrorCode::BadFrame,
-            message: format!("no member shard {index} of {count}"),
-            retry_after_ms: None,
-        };
-        answer(bus, reply, &head).await;
+        let head = bad_request(format!("no member shard {index} of {count}"));
+        answer(cx.bus, reply.map(Reply::Subject), &head).await;
         return;
     }
     let mut cmd = ShardCommand::Request {
@@ -390,9 +465,14 @@ async fn to_shard(
     }
     for _ in 0..2 {
         let handle = shards.entry(key.clone()).or_insert_with(|| {
-            let (handle, task) =
-                shard::spawn(room.clone(), index, count, deps.clone(), cancel.clone());
-            tracker.spawn(async move {
+            let (handle, task) = shard::spawn(
+                room.clone(),
+                index,
+                count,
+                cx.shard_deps.clone(),
+                cx.cancel.clone(),
+            );
+            cx.tracker.spawn(async move {
                 if let Err(e) = task.await {
                     tracing::error!(error = %e, "member shard actor failed");
                 }
@@ -405,7 +485,8 @@ async fn to_shard(
                 return;
             }
             Err(mpsc::error::TrySendError::Full(ShardCommand::Request { reply, .. })) => {
-                busy(bus, reply, "room shard is busy; retry shortly").await;
+                let reply = reply.map(Reply::Subject);
+                busy(cx.bus, reply, "room shard is busy; retry shortly").await;
                 return;
             }
             Err(mpsc::error::TrySendError::Full(_)) => return,
@@ -419,7 +500,7 @@ async fn to_shard(
 }
 
 /// A full mailbox: counted, and the sender told to retry shortly.
-async fn busy(bus: &Arc<dyn Bus>, reply: Option<String>, message: &str) {
+async fn busy(bus: &Arc<dyn Bus>, reply: Option<Reply>, message: &str) {
     METRICS.commands.with_label_values(&["busy"]).inc();
     let head = ReplyHead::Error {
         code: ErrorCode::Overloaded,
@@ -429,10 +510,147 @@ async fn busy(bus: &Arc<dyn Bus>, reply: Option<String>, message: &str) {
     answer(bus, reply, &head).await;
 }
 
-async fn answer(bus: &Arc<dyn Bus>, reply: Option<String>, head: &ReplyHead) {
+async fn answer(bus: &Arc<dyn Bus>, reply: Option<Reply>, head: &ReplyHead) {
     if let Some(to) = reply {
         // Best effort: an unanswered request times out at the gateway,
         // which retries.
-        let _ = bus.publish(to, encode_reply(head, &[])).await;
+        let _ = to.send(bus, head, &[]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+    use crate::store::sqlite::SqliteStore;
+    use bytes::Bytes;
+    use chat_protocol::bus::{decode_batch_reply, decode_reply, encode_batch};
+    use chat_protocol::UserId;
+
+    fn send(room: &str, client_id: &str) -> NodeRequest {
+        NodeRequest::Send {
+            room: RoomId::new(room).unwrap(),
+            user: UserId::new("u").unwrap(),
+            text: "hello".into(),
+            client_id: client_id.into(),
+        }
+    }
+
+    fn payload(req: &NodeRequest) -> Bytes {
+        Bytes::from(serde_json::to_vec(req).unwrap())
+    }
+
+    /// A node serving on an in-process bus and a fresh SQLite file.
+    async fn node() -> (Arc<dyn Bus>, String, CancellationToken, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("chat-node-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let store = Arc::new(SqliteStore::open(&dir).await.unwrap());
+        let subjects = Subjects::new("t").unwrap();
+        let node_id = NodeId::new("n1").unwrap();
+        let inbox = subjects.node_inbox(&node_id);
+        let settings = NodeSettings {
+            node_id,
+            subjects,
+            room: RoomConfig::default(),
+            node_ttl: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let stop = CancellationToken::new();
+        let (ready, _) = watch::channel(false);
+        tokio::spawn(serve(settings, bus.clone(), store, stop.clone(), ready));
+        // Serving once a send is answered other than `not_owner` (the ring
+        // takes a moment to hold the node) or `no responders`.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let probe = payload(&send("probe", "p"));
+            if let Ok(bytes) = bus
+                .request(inbox.clone(), probe, Duration::from_secs(5))
+                .await
+            {
+                if !matches!(decode_reply(&bytes).unwrap().0, ReplyHead::NotOwner) {
+                    break;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "node never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (bus, inbox, stop, dir)
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_answered_in_one_reply_one_answer_per_send_in_order() {
+        let (bus, inbox, stop, dir) = node().await;
+        let join = NodeRequest::Join {
+            room: RoomId::new("a").unwrap(),
+            user: UserId::new("u").unwrap(),
+            gateway: NodeId::new("g").unwrap(),
+            conn: 1,
+            since: None,
+            quiet: false,
+        };
+        // Two rooms, a resend of the first send inside the same batch, and
+        // a request that does not belong in a batch.
+        let reqs = [
+            send("a", "c1"),
+            send("b", "c1"),
+            send("a", "c2"),
+            join,
+            send("a", "c1"),
+        ];
+        let batch = encode_batch(&reqs.iter().map(payload).collect::<Vec<_>>());
+        let reply = bus
+            .request(inbox.clone(), batch, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let heads: Vec<ReplyHead> = decode_batch_reply(&reply, reqs.len())
+            .unwrap()
+            .iter()
+            .map(|p| decode_reply(p).unwrap().0)
+            .collect();
+        let seq = |h: &ReplyHead| match h {
+            ReplyHead::Ack { seq, .. } => *seq,
+            other => panic!("expected an ack, got {other:?}"),
+        };
+        assert_eq!(seq(&heads[0]), 1);
+        assert_eq!(seq(&heads[1]), 1, "room b numbers on its own");
+        assert_eq!(seq(&heads[2]), 2, "the batch keeps its order in a room");
+        assert!(
+            matches!(
+                &heads[3],
+                ReplyHead::Error {
+                    code: ErrorCode::BadFrame,
+                    ..
+                }
+            ),
+            "{:?}",
+            heads[3]
+        );
+        assert_eq!(seq(&heads[4]), 1, "the resend gets the first send's seq");
+
+        // Too large a batch, or one that is not an array of requests, is
+        // refused as a whole, in one head.
+        let many: Vec<Bytes> = (0..=MAX_BATCH_SENDS)
+            .map(|i| payload(&send("a", &format!("m{i}"))))
+            .collect();
+        for bad in [encode_batch(&many), Bytes::from_static(b"[1,2]")] {
+            let reply = bus
+                .request(inbox.clone(), bad, Duration::from_secs(10))
+                .await
+                .unwrap();
+            let (head, _) = decode_reply(&reply).unwrap();
+            assert!(
+                matches!(
+                    head,
+                    ReplyHead::Error {
+                        code: ErrorCode::BadFrame,
+                        ..
+                    }
+                ),
+                "{head:?}"
+            );
+        }
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

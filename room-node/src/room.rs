@@ -1,7 +1,8 @@
 //! The room actor: one task per active room owns every piece of the room's
 //! state (members, seq, rate limits, the buffer and its single alarm, the
 //! dedup window, the recent ring). Commands arrive on a bounded mailbox;
-//! replies go straight to the requester's reply subject on the bus.
+//! replies go straight to the requester's reply subject on the bus, or to
+//! its slot in a batch reply (see [`crate::reply`]).
 //!
 //! Life of a message: `send` → dedup check (before any seq is assigned, so
 //! dedup never burns a seq) → rate limit → high-water check → seq assigned,
@@ -19,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::bus::{encode_reply, Event, NodeRequest, ReplyHead, MAX_REPLY_BYTES};
+use chat_protocol::bus::{Event, NodeRequest, ReplyHead, MAX_REPLY_BYTES};
 use chat_protocol::frames::{PresenceState, DEFAULT_BACKLOG, MAX_HISTORY_LIMIT};
 use chat_protocol::{ErrorCode, Message, NodeId, RoomId, ServerFrame, UserId};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -30,6 +31,7 @@ use crate::bus::Bus;
 use crate::lease::LeaseTable;
 use crate::metrics::METRICS;
 use crate::ratelimit::{RateLimit, TokenBucket};
+use crate::reply::Reply;
 use crate::store::{Page, Row, Store, StoreError};
 use crate::writer::{FlushJob, Outcome, WriterHandle};
 
@@ -116,6 +118,10 @@ pub struct RoomDeps {
     pub leases: Arc<LeaseTable>,
     /// How long a lease lasts without renewal.
     pub lease_ttl: Duration,
+    /// Whether every live gateway reads a commit's messages as one event
+    /// ([`Event::Messages`]); while one of an older release runs, each
+    /// message is its own event. Kept by the node from gateway heartbeats.
+    pub multi_events: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A command for a room actor.
@@ -125,8 +131,8 @@ pub enum RoomCommand {
     Request {
         /// The request.
         req: NodeRequest,
-        /// Reply subject (absent for fire-and-forget publishes).
-        reply: Option<String>,
+        /// Where to answer (absent for fire-and-forget publishes).
+        reply: Option<Reply>,
     },
     /// Stop serving: answer new requests `not_owner`, flush, then exit.
     Stop,
@@ -161,7 +167,7 @@ pub struct RoomStats {
 
 struct Pending {
     row: Row,
-    replies: Vec<String>,
+    replies: Vec<Reply>,
     /// When the send reached the room, for `chat_room_send_ack_seconds`.
     received: Instant,
 }
@@ -169,9 +175,36 @@ struct Pending {
 struct InFlight {
     /// The seq of its first row.
     first_seq: u64,
-    replies: Vec<Vec<String>>,
+    replies: Vec<Vec<Reply>>,
     received: Vec<Instant>,
     done: oneshot::Receiver<(Vec<Row>, Outcome)>,
+}
+
+/// A committed message, serialised once for its event and the ring.
+struct Committed {
+    seq: u64,
+    user: UserId,
+    client_id: String,
+    id: String,
+    frame: Bytes,
+}
+
+impl Committed {
+    fn new(msg: Message) -> Self {
+        let (seq, user, client_id, id) = (
+            msg.seq,
+            msg.user.clone(),
+            msg.client_id.clone(),
+            msg.id.clone(),
+        );
+        Self {
+            seq,
+            user,
+            client_id,
+            id,
+            frame: ServerFrame::Message(msg).to_bytes(),
+        }
+    }
 }
 
 /// Spawns the actor for `room`; returns its handle and its task.
@@ -480,7 +513,7 @@ impl RoomActor {
     /// Another node owns the room now: every waiting sender is told
     /// `not_owner` (its gateway retries at the new owner, where the dedup
     /// window makes the retry safe), and the actor ends.
-    async fn on_fenced(&mut self, inflight: Vec<Vec<String>>) {
+    async fn on_fenced(&mut self, inflight: Vec<Vec<Reply>>) {
         if !self.fenced {
             tracing::warn!(room = %self.room, epoch = self.epoch, "room fenced: handing it to its new owner");
         }
@@ -602,8 +635,14 @@ impl RoomActor {
                 METRICS.forwarded.inc_by(u64::from(accepted));
                 for s in sends {
                     // The shard limited its own members' rates.
-                    self.on_send(s.user, s.text, s.client_id, s.reply, Limit::Done)
-                        .await;
+                    self.on_send(
+                        s.user,
+                        s.text,
+                        s.client_id,
+                        s.reply.map(Reply::Subject),
+                        Limit::Done,
+                    )
+                    .await;
                 }
                 self.reply(reply, &ReplyHead::Forwarded { accepted }, &[])
                     .await;
@@ -677,9 +716,9 @@ impl RoomActor {
         }
     }
 
-    async fn reply(&self, to: Option<String>, head: &ReplyHead, frames: &[Bytes]) {
+    async fn reply(&self, to: Option<Reply>, head: &ReplyHead, frames: &[Bytes]) {
         if let Some(to) = to {
-            if let Err(e) = self.deps.bus.publish(to, encode_reply(head, frames)).await {
+            if let Err(e) = to.send(&self.deps.bus, head, frames).await {
                 tracing::warn!(room = %self.room, error = %e, "reply lost; the gateway will retry");
             }
         }
@@ -687,7 +726,7 @@ impl RoomActor {
 
     async fn error(
         &self,
-        to: Option<String>,
+        to: Option<Reply>,
         code: ErrorCode,
         message: &str,
         retry: Option<Duration>,
@@ -705,7 +744,7 @@ impl RoomActor {
         user: UserId,
         text: String,
         client_id: String,
-        reply: Option<String>,
+        reply: Option<Reply>,
         limit: Limit,
     ) {
         let key = (user, client_id);
@@ -786,7 +825,7 @@ impl RoomActor {
         METRICS.buffered_messages.inc();
     }
 
-    fn attach_reply(&mut self, seq: u64, to: String) {
+    fn attach_reply(&mut self, seq: u64, to: Reply) {
         if let Some(front) = self.buffer.front().map(|p| p.row.seq) {
             if seq >= front {
                 if let Some(p) = self.buffer.get_mut((seq - front) as usize) {
@@ -877,54 +916,101 @@ impl RoomActor {
         }
     }
 
-    async fn committed(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, ts_ms: i64) {
+    /// A batch is in: one event for all of its messages (split only where
+    /// it would not fit one bus message), then each message is kept and
+    /// acknowledged.
+    async fn committed(&mut self, rows: Vec<Row>, replies: Vec<Vec<Reply>>, ts_ms: i64) {
         METRICS.buffered_messages.sub(rows.len() as i64);
-        for (row, replies) in rows.into_iter().zip(replies) {
-            let Row {
-                seq,
-                id,
-                user,
-                text,
-                client_id,
-            } = row;
-            self.pending_keys.remove(&(user.clone(), client_id.clone()));
-            let msg = Message {
-                room: self.room.clone(),
-                seq,
-                id,
-                user,
-                text,
-                ts: ts_ms,
-                client_id,
-            };
-            self.publish_committed(msg, replies, false).await;
+        let done: Vec<Committed> = rows
+            .into_iter()
+            .map(|row| {
+                let Row {
+                    seq,
+                    id,
+                    user,
+                    text,
+                    client_id,
+                } = row;
+                self.pending_keys.remove(&(user.clone(), client_id.clone()));
+                let msg = Message {
+                    room: self.room.clone(),
+                    seq,
+                    id,
+                    user,
+                    text,
+                    ts: ts_ms,
+                    client_id,
+                };
+                Committed::new(msg)
+            })
+            .collect();
+        self.publish_events(&done).await;
+        for (c, replies) in done.into_iter().zip(replies) {
+            self.settle(c, replies, false).await;
         }
     }
 
     /// Broadcasts one committed message and answers its senders.
-    async fn publish_committed(&mut self, msg: Message, replies: Vec<String>, duplicate: bool) {
-        let seq = msg.seq;
-        let key = (msg.user.clone(), msg.client_id.clone());
-        let id = msg.id.clone();
-        let frame = ServerFrame::Message(msg).to_bytes();
-        let event = Event::Message {
+    async fn publish_committed(&mut self, msg: Message, replies: Vec<Reply>, duplicate: bool) {
+        let c = Committed::new(msg);
+        self.publish_events(std::slice::from_ref(&c)).await;
+        self.settle(c, replies, duplicate).await;
+    }
+
+    /// Publishes the events of committed messages, in seq order: runs of
+    /// consecutive seqs as one [`Event::Messages`] each, up to
+    /// [`MAX_REPLY_BYTES`] a run, a lone message (or every message, while a
+    /// gateway that cannot read runs is live) as [`Event::Message`].
+    async fn publish_events(&self, done: &[Committed]) {
+        let mut rest = done;
+        let multi = self.deps.multi_events.load(Ordering::Relaxed);
+        while !rest.is_empty() {
+            let mut bytes = rest[0].frame.len();
+            let mut n = 1;
+            while multi
+                && n < rest.len()
+                && rest[n].seq == rest[n - 1].seq + 1
+                && bytes + rest[n].frame.len() < MAX_REPLY_BYTES
+            {
+                bytes += rest[n].frame.len() + 1;
+                n += 1;
+            }
+            let (run, later) = rest.split_at(n);
+            rest = later;
+            let event = match run {
+                [one] => Event::Message {
+                    seq: one.seq,
+                    frame: one.frame.clone(),
+                },
+                _ => Event::Messages {
+                    first: run[0].seq,
+                    frames: run.iter().map(|c| c.frame.clone()).collect(),
+                },
+            }
+            .encode();
+            let subject = self.events_subject.clone();
+            if let Err(e) = self.deps.bus.publish(subject, event).await {
+                // Gateways repair the gap from history when the next event
+                // or their tail check shows it.
+                let seq = run[0].seq;
+                tracing::warn!(room = %self.room, seq, error = %e, "event publish failed");
+            }
+        }
+    }
+
+    /// After its event: keeps a committed message (recent ring, dedup
+    /// window) and answers its senders.
+    async fn settle(&mut self, c: Committed, replies: Vec<Reply>, duplicate: bool) {
+        let Committed {
             seq,
-            frame: frame.clone(),
-        }
-        .encode();
-        if let Err(e) = self
-            .deps
-            .bus
-            .publish(self.events_subject.clone(), event)
-            .await
-        {
-            // Gateways repair the gap from history when the next event or
-            // their tail check shows it.
-            tracing::warn!(room = %self.room, seq, error = %e, "event publish failed");
-        }
+            user,
+            client_id,
+            id,
+            frame,
+        } = c;
         self.push_recent(seq, frame);
         self.last_seq = self.last_seq.max(seq);
-        self.remember(key.0, key.1, seq, id.clone());
+        self.remember(user, client_id, seq, id.clone());
         let head = ReplyHead::Ack { seq, id, duplicate };
         for to in replies {
             self.reply(Some(to), &head, &[]).await;
@@ -938,7 +1024,7 @@ impl RoomActor {
     /// reconciles everything that is not yet written. It waits for them
     /// here, mailbox unread: they are behind at most the writer's queue,
     /// the wait they had anyway, and rejections are rare.
-    async fn rejected(&mut self, mut rows: Vec<Row>, mut replies: Vec<Vec<String>>, reason: &str) {
+    async fn rejected(&mut self, mut rows: Vec<Row>, mut replies: Vec<Vec<Reply>>, reason: &str) {
         while let Some(f) = self.inflight.pop_front() {
             self.inflight_rows -= f.replies.len();
             match f.done.await {
@@ -977,7 +1063,7 @@ impl RoomActor {
     /// the dedup window), publish and answer those, and renumber the rest
     /// after the true `last_seq`. Nothing of ours was shown before, so the
     /// renumbering is invisible.
-    async fn reconcile(&mut self, rows: Vec<Row>, replies: Vec<Vec<String>>, reason: &str) {
+    async fn reconcile(&mut self, rows: Vec<Row>, replies: Vec<Vec<Reply>>, reason: &str) {
         tracing::warn!(room = %self.room, reason, "reconciling a rejected batch with the database");
         let mut pending: VecDeque<Pending> = rows
             .into_iter()
@@ -1125,7 +1211,7 @@ impl RoomActor {
         conn: u64,
         since: Option<u64>,
         quiet: bool,
-        reply: Option<String>,
+        reply: Option<Reply>,
     ) {
         if self.shards > 1 {
             // Members of a split room register at their shard.
@@ -1169,7 +1255,7 @@ impl RoomActor {
     /// room's `last_seq` and `members`, and the backlog after `since`.
     async fn answer_join(
         &mut self,
-        reply: Option<String>,
+        reply: Option<Reply>,
         since: Option<u64>,
         quiet: bool,
         members: u64,
@@ -1382,7 +1468,7 @@ impl RoomActor {
             .await;
     }
 
-    async fn on_history(&mut self, page: Page, reply: Option<String>) {
+    async fn on_history(&mut self, page: Page, reply: Option<Reply>) {
         let last = self.last_seq;
         let before = page.before.map_or(last + 1, |b| b.min(last + 1));
         let (after, forward) = match page.after {
@@ -1423,7 +1509,7 @@ impl RoomActor {
 
     /// Answers from the database in a separate task so the room keeps
     /// serving; bounded by the node's read permits.
-    fn read_from_db<F>(&self, reply: Option<String>, page: Page, build: F)
+    fn read_from_db<F>(&self, reply: Option<Reply>, page: Page, build: F)
     where
         F: FnOnce(Vec<Bytes>, bool) -> (ReplyHead, Vec<Bytes>) + Send + 'static,
     {
@@ -1439,7 +1525,7 @@ impl RoomActor {
             };
             tokio::spawn(async move {
                 // Best effort: the gateway times out and retries otherwise.
-                let _ = bus.publish(to, encode_reply(&head, &[])).await;
+                let _ = to.send(&bus, &head, &[]).await;
             });
             return;
         };
@@ -1464,7 +1550,7 @@ impl RoomActor {
                 }
             };
             // Best effort: the gateway times out and retries otherwise.
-            let _ = bus.publish(to, encode_reply(&head, &frames)).await;
+            let _ = to.send(&bus, &head, &frames).await;
         });
     }
 }

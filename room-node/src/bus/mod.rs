@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 /// Why a bus operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     /// Nobody listens on the subject (the node is gone).
     #[error("no responders")]

@@ -247,6 +247,8 @@ struct Harness {
     events: BoxStream<'static, crate::bus::BusMessage>,
     replies: BoxStream<'static, crate::bus::BusMessage>,
     idle: mpsc::Receiver<(RoomId, u64)>,
+    /// Seqs of a multi-message event not yet taken by `next_event`.
+    seqs: std::collections::VecDeque<u64>,
 }
 
 fn room() -> RoomId {
@@ -254,6 +256,11 @@ fn room() -> RoomId {
 }
 
 async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
+    harness_with(store, config, true).await
+}
+
+/// `multi_events`: whether every gateway reads multi-message events.
+async fn harness_with(store: FakeStore, config: RoomConfig, multi_events: bool) -> Harness {
     let bus = MemoryBus::new();
     let store = Arc::new(store);
     let subjects = chat_protocol::subjects::Subjects::new("t").unwrap();
@@ -273,6 +280,7 @@ async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
         node_id: node,
         leases: Arc::new(LeaseTable::default()),
         lease_ttl: Duration::from_secs(5),
+        multi_events: Arc::new(multi_events.into()),
     };
     let (handle, task) = spawn(room(), deps, CancellationToken::new());
     Harness {
@@ -283,6 +291,7 @@ async fn harness(store: FakeStore, config: RoomConfig) -> Harness {
         events,
         replies,
         idle: idle_rx,
+        seqs: Default::default(),
     }
 }
 
@@ -311,11 +320,19 @@ fn config() -> RoomConfig {
     }
 }
 
-/// Next event's seq, or None if nothing is published within `wait`.
+/// Next message's seq (one at a time, also from a multi-message event),
+/// or None if nothing is published within `wait`.
 async fn next_event(h: &mut Harness, wait: Duration) -> Option<u64> {
+    if let Some(seq) = h.seqs.pop_front() {
+        return Some(seq);
+    }
     let m = tokio::time::timeout(wait, h.events.next()).await.ok()??;
     match Event::decode(&m.payload).unwrap() {
         Event::Message { seq, .. } => Some(seq),
+        Event::Messages { first, frames } => {
+            h.seqs.extend((first..).take(frames.len()));
+            h.seqs.pop_front()
+        }
         Event::Presence { .. } | Event::Shards { .. } | Event::ToAll { .. } => None,
         // The actor announces itself once it serves: skip to the next.
         Event::Resync => Box::pin(next_event(h, wait)).await,
@@ -371,6 +388,61 @@ async fn full_batch_flushes_without_waiting_for_the_alarm() {
     assert_eq!(next_event(&mut h, Duration::from_secs(1)).await, Some(1));
     let (stats, _) = stop(h).await;
     assert_eq!(stats.batches, 1);
+}
+
+/// The events a commit of three messages publishes, as (seq, client id)
+/// per event.
+async fn events_of_one_commit(multi_events: bool) -> Vec<Vec<(u64, String)>> {
+    let cfg = RoomConfig {
+        flush_batch: 3,
+        flush_interval: Duration::from_secs(3600),
+        ..config()
+    };
+    let mut h = harness_with(FakeStore::default(), cfg, multi_events).await;
+    for i in 0..3 {
+        send(&h, "ann", &format!("a{i}"));
+    }
+    let parse = |f: &Bytes| {
+        let v: serde_json::Value = serde_json::from_slice(f).unwrap();
+        let cid = v["client_id"].as_str().unwrap().to_owned();
+        (v["seq"].as_u64().unwrap(), cid)
+    };
+    let mut events = Vec::new();
+    while events.iter().map(Vec::len).sum::<usize>() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(1), h.events.next())
+            .await
+            .expect("an event in time")
+            .unwrap();
+        match Event::decode(&m.payload).unwrap() {
+            Event::Resync => {}
+            Event::Message { seq, frame } => {
+                assert_eq!(parse(&frame).0, seq);
+                events.push(vec![parse(&frame)]);
+            }
+            Event::Messages { first, frames } => {
+                assert_eq!(parse(&frames[0]).0, first);
+                events.push(frames.iter().map(parse).collect());
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    let (stats, _) = stop(h).await;
+    assert_eq!(stats.batches, 1);
+    events
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_commit_of_several_messages_is_one_event_carrying_them_in_order() {
+    let one = |s: u64| (s, format!("a{}", s - 1));
+    assert_eq!(
+        events_of_one_commit(true).await,
+        vec![vec![one(1), one(2), one(3)]]
+    );
+    // While a gateway of an older release runs: one event per message.
+    assert_eq!(
+        events_of_one_commit(false).await,
+        vec![vec![one(1)], vec![one(2)], vec![one(3)]]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -975,7 +1047,10 @@ async fn next_room_event(h: &mut Harness) -> Event {
             .expect("an event in time")
             .expect("subscription open");
         match Event::decode(&m.payload).unwrap() {
-            Event::Resync | Event::Message { .. } | Event::Presence { .. } => {}
+            Event::Resync
+            | Event::Message { .. }
+            | Event::Messages { .. }
+            | Event::Presence { .. } => {}
             other => return other,
         }
     }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::bus::{decode_batch_reply, encode_batch, MAX_BATCH_SENDS};
+use chat_protocol::bus::{decode_batch_reply, encode_batch, is_pending, MAX_BATCH_SENDS};
 use chat_room_node::bus::{Bus, BusError};
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
@@ -79,6 +79,26 @@ impl Batcher {
     /// As [`Bus::request`]: [`BusError::NoResponders`], [`BusError::TimedOut`]
     /// or another bus failure, for the whole batch.
     pub async fn request(&self, subject: &str, payload: Bytes) -> Result<Bytes, BusError> {
+        // A send its node answers `pending` (its room is slow to commit,
+        // and the batch's reply did not wait) is asked for again, within
+        // the time one try of a single request would have had.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let reply = self.request_once(subject, payload.clone()).await?;
+            if !is_pending(&reply) {
+                return Ok(reply);
+            }
+            METRICS
+                .node_request_errors
+                .with_label_values(&["pending"])
+                .inc();
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BusError::TimedOut);
+            }
+        }
+    }
+
+    async fn request_once(&self, subject: &str, payload: Bytes) -> Result<Bytes, BusError> {
         let (done, answer) = oneshot::channel();
         let mut item = Item { payload, done };
         // Twice: a lane that just ended (idle) is replaced.
@@ -131,12 +151,15 @@ async fn run_lane(
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
+            // Completions first, which is also where new batches are
+            // published (their first poll), before taking more.
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             item = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(first) = item else { break };
                 let batch = take_batch(first, &mut rx);
                 in_flight.push(send_batch(bus.clone(), subject.clone(), batch, timeout));
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             // Refuse new sends; what is already queued still goes, then
             // `recv` ends the loop.
             () = tokio::time::sleep(IDLE), if in_flight.is_empty() => rx.close(),
@@ -273,6 +296,32 @@ mod tests {
             assert_eq!(decode_reply(&reply.unwrap()).unwrap().0, ack(n));
         }
         assert_eq!(node.await.unwrap(), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_pending_send_is_asked_for_again_until_answered() {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let mut inbox = bus.subscribe("n.in".into()).await.unwrap();
+        // A node whose room commits only by the third ask.
+        let node = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for asked in 1..=3 {
+                    let msg = inbox.next().await.unwrap();
+                    let head = if asked < 3 {
+                        ReplyHead::Pending
+                    } else {
+                        ack(1)
+                    };
+                    let reply = chat_protocol::bus::encode_reply(&head, &[]);
+                    bus.publish(msg.reply.unwrap(), reply).await.unwrap();
+                }
+            })
+        };
+        let batcher = Batcher::new(bus.clone(), Duration::from_secs(5));
+        let reply = batcher.request("n.in", send(1)).await.unwrap();
+        assert_eq!(decode_reply(&reply).unwrap().0, ack(1));
+        node.await.unwrap();
     }
 
     #[tokio::test]

@@ -227,6 +227,12 @@ pub enum ReplyHead {
     },
     /// This node does not own the room: refresh placement and retry.
     NotOwner,
+    /// In a batch reply only: the send is taken but not committed yet.
+    /// A batch's reply does not wait longer than [`BATCH_DEADLINE`] for
+    /// its slowest send, so one stalled room cannot hold the acks of the
+    /// others; the gateway asks again for this one (the room answers the
+    /// resend at commit, as for any resend).
+    Pending,
     /// The command failed.
     Error {
         /// Contract error code.
@@ -297,6 +303,10 @@ fn split_lines(payload: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
 /// Most sends one batch carries. A room node refuses larger batches.
 pub const MAX_BATCH_SENDS: usize = 256;
 
+/// Longest a room node holds a batch's reply for its slowest send; past
+/// it the sends not yet answered answer [`ReplyHead::Pending`].
+pub const BATCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sends bound for the same room node, as one request: a JSON array of
 /// [`NodeRequest::Send`]s, built from their own encodings without parsing
 /// them again (`payloads` are `serde_json` encodings of requests). The
@@ -340,6 +350,12 @@ pub fn encode_batch_reply<'a>(heads: impl IntoIterator<Item = &'a ReplyHead>) ->
         serde_json::to_writer(&mut out, head).expect("reply heads always serialise");
     }
     Bytes::from(out)
+}
+
+/// Whether one send's reply (a part of [`decode_batch_reply`]) is
+/// [`ReplyHead::Pending`], without parsing it.
+pub fn is_pending(reply: &[u8]) -> bool {
+    reply == br#"{"r":"pending"}"#
 }
 
 /// Splits the reply to a batch of `n` sends into one reply per send (each
@@ -557,6 +573,8 @@ mod tests {
         let all = decode_batch_reply(&encode_reply(&ReplyHead::NotOwner, &[]), 3).unwrap();
         assert_eq!(all.len(), 3);
         assert!(decode_batch_reply(&reply, 2).is_err());
+        assert!(is_pending(&encode_reply(&ReplyHead::Pending, &[])));
+        assert!(!is_pending(&encode_reply(&ReplyHead::NotOwner, &[])));
     }
 
     #[test]

@@ -7,13 +7,17 @@
 //!
 //! A slot dropped unanswered (its room ended with the send queued, say)
 //! answers `not_owner`, which the gateway retries like any other
-//! `not_owner`; sends are safe to repeat. So a batch reply always goes out,
-//! whatever becomes of its sends.
+//! `not_owner`; sends are safe to repeat. A batch waits at most
+//! [`BATCH_DEADLINE`] for its slowest send: then the sends not yet
+//! answered answer `pending` and the gateway asks again for those, so a
+//! stalled room (waiting for a lease, say) holds up nobody else's ack.
+//! So a batch reply always goes out, and soon, whatever becomes of its
+//! sends.
 
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use chat_protocol::bus::{encode_batch_reply, encode_reply, ReplyHead};
+use chat_protocol::bus::{encode_batch_reply, encode_reply, ReplyHead, BATCH_DEADLINE};
 
 use crate::bus::{Bus, BusError};
 
@@ -63,11 +67,14 @@ impl Reply {
 }
 
 /// The shared reply of one batch: one answer per send, in the batch's
-/// order. Published when the last [`Slot`] is answered or dropped.
+/// order. Published once: when the last [`Slot`] is answered or dropped,
+/// or at [`BATCH_DEADLINE`] with the sends still unanswered as
+/// [`ReplyHead::Pending`], whichever comes first.
 struct Shared {
     to: String,
     bus: Arc<dyn Bus>,
-    answers: Mutex<Vec<Option<ReplyHead>>>,
+    /// `None` once published.
+    answers: Mutex<Option<Vec<Option<ReplyHead>>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -76,17 +83,21 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        let answers = std::mem::take(self.answers.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let payload = encode_batch_reply(
-            answers
-                .iter()
-                .map(|a| a.as_ref().unwrap_or(&ReplyHead::NotOwner)),
-        );
-        let (bus, to) = (self.bus.clone(), std::mem::take(&mut self.to));
-        // Dropped by whoever answered last, inside the runtime; without
-        // one (a test tearing down) there is nobody left to answer.
+impl Shared {
+    /// Publishes the answers, if nobody did yet; `missing` stands for the
+    /// slots not answered.
+    fn publish(&self, missing: &ReplyHead) {
+        let taken = self
+            .answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(answers) = taken else { return };
+        let payload = encode_batch_reply(answers.iter().map(|a| a.as_ref().unwrap_or(missing)));
+        let (bus, to) = (self.bus.clone(), self.to.clone());
+        // Called by whoever answered last (or the deadline), inside the
+        // runtime; without one (a test tearing down) nobody is left to
+        // answer.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Err(e) = bus.publish(to, payload).await {
@@ -94,6 +105,13 @@ impl Drop for Shared {
                 }
             });
         }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Every slot is answered or dropped: a dropped one asks for a retry.
+        self.publish(&ReplyHead::NotOwner);
     }
 }
 
@@ -105,10 +123,13 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Records the answer; the batch goes out when it has them all.
+    /// Records the answer; the batch goes out when it has them all. An
+    /// answer after the deadline is dropped: the gateway has asked again.
     pub fn fill(self, head: &ReplyHead) {
         let mut answers = self.batch.answers.lock().unwrap_or_else(|e| e.into_inner());
-        answers[self.index] = Some(head.clone());
+        if let Some(answers) = answers.as_mut() {
+            answers[self.index] = Some(head.clone());
+        }
     }
 }
 
@@ -117,7 +138,14 @@ pub fn batch(bus: Arc<dyn Bus>, to: String, n: usize) -> Vec<Slot> {
     let shared = Arc::new(Shared {
         to,
         bus,
-        answers: Mutex::new(vec![None; n]),
+        answers: Mutex::new(Some(vec![None; n])),
+    });
+    let deadline = Arc::downgrade(&shared);
+    tokio::spawn(async move {
+        tokio::time::sleep(BATCH_DEADLINE).await;
+        if let Some(shared) = deadline.upgrade() {
+            shared.publish(&ReplyHead::Pending);
+        }
     });
     (0..n)
         .map(|index| Slot {
@@ -163,5 +191,37 @@ mod tests {
             .map(|p| chat_protocol::bus::decode_reply(p).unwrap().0)
             .collect();
         assert_eq!(heads, vec![ack(7), ReplyHead::NotOwner, ack(9)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_send_answers_pending_at_the_deadline_and_holds_up_nobody() {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let mut sub = bus.subscribe("r".into()).await.unwrap();
+        let mut slots = batch(bus.clone(), "r".into(), 2).into_iter();
+        let (fast, slow) = (slots.next().unwrap(), slots.next().unwrap());
+        let ack = ReplyHead::Ack {
+            seq: 1,
+            id: "m1".into(),
+            duplicate: false,
+        };
+        fast.fill(&ack);
+        let started = tokio::time::Instant::now();
+        let msg = sub.next().await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= BATCH_DEADLINE && waited < BATCH_DEADLINE * 2,
+            "{waited:?}"
+        );
+        let heads: Vec<ReplyHead> = decode_batch_reply(&msg.payload, 2)
+            .unwrap()
+            .iter()
+            .map(|p| chat_protocol::bus::decode_reply(p).unwrap().0)
+            .collect();
+        assert_eq!(heads, vec![ack.clone(), ReplyHead::Pending]);
+        // The late answer goes nowhere: the reply is out.
+        slow.fill(&ack);
+        tokio::task::yield_now().await;
+        let next = tokio::time::timeout(BATCH_DEADLINE * 2, sub.next()).await;
+        assert!(next.is_err(), "one reply per batch");
     }
 }

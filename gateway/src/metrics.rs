@@ -40,6 +40,8 @@ pub struct GatewayMetrics {
     /// Requests to room nodes by final outcome (`ok`, `unavailable`): the
     /// denominator of an error ratio, and what clients saw.
     pub node_requests: IntCounterVec,
+    /// `node_requests{outcome="ok"}`, resolved once: every send counts it.
+    pub node_requests_ok: IntCounter,
     /// Rooms with a subscription on this gateway.
     pub rooms: IntGauge,
     /// Live room nodes in this gateway's ring.
@@ -97,6 +99,12 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
     let latency = vec![
         0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
     ];
+    let node_requests = register_int_counter_vec!(
+        "chat_gateway_node_requests_total",
+        "Requests to room nodes by final outcome",
+        &["outcome"]
+    )
+    .unwrap();
     GatewayMetrics {
         connections: register_int_gauge!("chat_gateway_connections", "Open WebSocket connections")
             .unwrap(),
@@ -163,12 +171,8 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
             &["kind"]
         )
         .unwrap(),
-        node_requests: register_int_counter_vec!(
-            "chat_gateway_node_requests_total",
-            "Requests to room nodes by final outcome",
-            &["outcome"]
-        )
-        .unwrap(),
+        node_requests_ok: node_requests.with_label_values(&["ok"]),
+        node_requests,
         rooms: register_int_gauge!("chat_gateway_rooms", "Rooms subscribed on this gateway")
             .unwrap(),
         ring_nodes: register_int_gauge!(

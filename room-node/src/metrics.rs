@@ -56,6 +56,8 @@ pub struct NodeMetrics {
     pub ring_size: IntGauge,
     /// Commands by outcome: `ok`, `not_owner`, `busy`, `bad`.
     pub commands: IntCounterVec,
+    /// `commands{outcome="ok"}`, resolved once: every command counts it.
+    pub commands_ok: IntCounter,
     /// Rooms sequenced here that are split into member shards.
     pub sharded_rooms: IntGauge,
     /// Member shard actors running on this node.
@@ -84,6 +86,12 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
     let members_buckets = vec![
         1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 7500.0, 10000.0,
     ];
+    let commands = register_int_counter_vec!(
+        "chat_room_commands_total",
+        "Commands received by outcome",
+        &["outcome"]
+    )
+    .unwrap();
     NodeMetrics {
         sharded_rooms: register_int_gauge!(
             "chat_room_sharded_rooms",
@@ -218,12 +226,8 @@ pub static METRICS: LazyLock<NodeMetrics> = LazyLock::new(|| {
             "Live room nodes in the placement ring"
         )
         .unwrap(),
-        commands: register_int_counter_vec!(
-            "chat_room_commands_total",
-            "Commands received by outcome",
-            &["outcome"]
-        )
-        .unwrap(),
+        commands_ok: commands.with_label_values(&["ok"]),
+        commands,
     }
 });
 

@@ -350,7 +350,7 @@ async fn dispatch(cx: &Ctx<'_>, here: &mut Here<'_>, msg: BusMessage) {
 /// A batch of sends from one gateway: each goes to its room like a single
 /// send, answering in its slot of the batch's one reply. Only plain sends
 /// are batched (a big room's member requests, which a shard forwards on,
-/// travel alone), so anything else in a batch is refused in its slot.
+/// travel alone): a batch holding anything else is refused as a whole.
 async fn dispatch_batch(cx: &Ctx<'_>, here: &mut Here<'_>, msg: BusMessage) {
     let Some(to) = msg.reply else {
         // Nobody to answer: a batch is always a request.
@@ -378,10 +378,7 @@ async fn dispatch_batch(cx: &Ctx<'_>, here: &mut Here<'_>, msg: BusMessage) {
     METRICS.batch_sends.observe(reqs.len() as f64);
     let slots = reply::batch(cx.bus.clone(), to, reqs.len());
     for (req, slot) in reqs.into_iter().zip(slots) {
-        if !matches!(req, NodeRequest::Send { .. }) {
-            METRICS.commands.with_label_values(&["bad"]).inc();
-            slot.fill(&bad_request("only sends are batched".into()));
-        } else if !cx.owns(&req) {
+        if !cx.owns(&req) {
             METRICS.commands.with_label_values(&["not_owner"]).inc();
             slot.fill(&ReplyHead::NotOwner);
         } else {
@@ -421,7 +418,7 @@ async fn to_room(
         match entry.handle.try_send(cmd) {
             Ok(()) => {
                 entry.sent += 1;
-                METRICS.commands.with_label_values(&["ok"]).inc();
+                METRICS.commands_ok.inc();
                 return;
             }
             Err(mpsc::error::TrySendError::Full(RoomCommand::Request { reply, .. })) => {
@@ -481,7 +478,7 @@ async fn to_shard(
         });
         match handle.try_send(cmd) {
             Ok(()) => {
-                METRICS.commands.with_label_values(&["ok"]).inc();
+                METRICS.commands_ok.inc();
                 return;
             }
             Err(mpsc::error::TrySendError::Full(ShardCommand::Request { reply, .. })) => {
@@ -589,13 +586,11 @@ mod tests {
             since: None,
             quiet: false,
         };
-        // Two rooms, a resend of the first send inside the same batch, and
-        // a request that does not belong in a batch.
+        // Two rooms, and a resend of the first send inside the same batch.
         let reqs = [
             send("a", "c1"),
             send("b", "c1"),
             send("a", "c2"),
-            join,
             send("a", "c1"),
         ];
         let batch = encode_batch(&reqs.iter().map(payload).collect::<Vec<_>>());
@@ -615,25 +610,15 @@ mod tests {
         assert_eq!(seq(&heads[0]), 1);
         assert_eq!(seq(&heads[1]), 1, "room b numbers on its own");
         assert_eq!(seq(&heads[2]), 2, "the batch keeps its order in a room");
-        assert!(
-            matches!(
-                &heads[3],
-                ReplyHead::Error {
-                    code: ErrorCode::BadFrame,
-                    ..
-                }
-            ),
-            "{:?}",
-            heads[3]
-        );
-        assert_eq!(seq(&heads[4]), 1, "the resend gets the first send's seq");
+        assert_eq!(seq(&heads[3]), 1, "the resend gets the first send's seq");
 
-        // Too large a batch, or one that is not an array of requests, is
-        // refused as a whole, in one head.
+        // Too large a batch, one holding anything but sends, or one that is
+        // not an array of requests, is refused as a whole, in one head.
         let many: Vec<Bytes> = (0..=MAX_BATCH_SENDS)
             .map(|i| payload(&send("a", &format!("m{i}"))))
             .collect();
-        for bad in [encode_batch(&many), Bytes::from_static(b"[1,2]")] {
+        let with_join = encode_batch(&[payload(&send("a", "c3")), payload(&join)]);
+        for bad in [encode_batch(&many), with_join, Bytes::from_static(b"[1,2]")] {
             let reply = bus
                 .request(inbox.clone(), bad, Duration::from_secs(10))
                 .await

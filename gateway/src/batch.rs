@@ -29,7 +29,7 @@ use crate::metrics::METRICS;
 const QUEUE: usize = 4096;
 /// Batches one lane has in flight; past it the queue fills instead.
 const MAX_IN_FLIGHT: usize = 256;
-/// A batch stops growing past this many payload bytes, well inside a NATS
+/// Most payload bytes of a batch of several sends, well inside a NATS
 /// message (1 MiB by default).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// A lane with nothing queued or in flight this long ends; the next send
@@ -149,15 +149,23 @@ async fn run_lane(
     timeout: Duration,
 ) {
     let mut in_flight = FuturesUnordered::new();
+    // A send that did not fit the last batch: it starts the next one.
+    let mut carry: Option<Item> = None;
     loop {
+        if in_flight.len() < MAX_IN_FLIGHT {
+            if let Some(first) = carry.take() {
+                let batch = take_batch(first, &mut rx, &mut carry);
+                in_flight.push(send_batch(bus.clone(), subject.clone(), batch, timeout));
+            }
+        }
         tokio::select! {
             // Completions first, which is also where new batches are
             // published (their first poll), before taking more.
             biased;
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            item = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+            item = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT && carry.is_none() => {
                 let Some(first) = item else { break };
-                let batch = take_batch(first, &mut rx);
+                let batch = take_batch(first, &mut rx, &mut carry);
                 in_flight.push(send_batch(bus.clone(), subject.clone(), batch, timeout));
             }
             // Refuse new sends; what is already queued still goes, then
@@ -168,14 +176,20 @@ async fn run_lane(
     while in_flight.next().await.is_some() {}
 }
 
-/// `first` and whatever is queued behind it, up to the batch bounds.
-fn take_batch(first: Item, rx: &mut mpsc::Receiver<Item>) -> Vec<Item> {
+/// `first` and whatever is queued behind it, up to the batch bounds; a
+/// send that would pass [`MAX_BATCH_BYTES`] is left in `carry` for the
+/// next batch (a batch of one may be larger: it is the send as it is).
+fn take_batch(first: Item, rx: &mut mpsc::Receiver<Item>, carry: &mut Option<Item>) -> Vec<Item> {
     let mut bytes = first.payload.len();
     let mut batch = vec![first];
-    while batch.len() < MAX_BATCH_SENDS && bytes < MAX_BATCH_BYTES {
+    while batch.len() < MAX_BATCH_SENDS {
         match rx.try_recv() {
+            Ok(item) if bytes + item.payload.len() + 1 > MAX_BATCH_BYTES => {
+                *carry = Some(item);
+                break;
+            }
             Ok(item) => {
-                bytes += item.payload.len();
+                bytes += item.payload.len() + 1;
                 batch.push(item);
             }
             Err(_) => break,
@@ -296,6 +310,49 @@ mod tests {
             assert_eq!(decode_reply(&reply.unwrap()).unwrap().0, ack(n));
         }
         assert_eq!(node.await.unwrap(), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stays_under_its_byte_bound_and_the_send_that_would_pass_it_goes_next() {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let mut inbox = bus.subscribe("n.in".into()).await.unwrap();
+        let node = {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let mut sizes = Vec::new();
+                while sizes.iter().sum::<usize>() < 3 {
+                    let msg = inbox.next().await.unwrap();
+                    assert!(msg.payload.len() <= MAX_BATCH_BYTES + 2);
+                    let reqs = if chat_protocol::bus::is_batch(&msg.payload) {
+                        decode_batch(&msg.payload).unwrap()
+                    } else {
+                        vec![serde_json::from_slice(&msg.payload).unwrap()]
+                    };
+                    sizes.push(reqs.len());
+                    let heads: Vec<ReplyHead> = reqs.iter().map(|_| ack(1)).collect();
+                    bus.publish(msg.reply.unwrap(), encode_batch_reply(&heads))
+                        .await
+                        .unwrap();
+                }
+                sizes
+            })
+        };
+        let big = |n: u64| {
+            let req = NodeRequest::Send {
+                room: RoomId::new("r").unwrap(),
+                user: UserId::new("u").unwrap(),
+                text: "x".repeat(100 * 1024),
+                client_id: format!("c{n}"),
+            };
+            Bytes::from(serde_json::to_vec(&req).unwrap())
+        };
+        let batcher = Batcher::new(bus.clone(), Duration::from_secs(5));
+        // Three sends of 100 KiB queued at once: two fit 256 KiB, the
+        // third goes next, alone.
+        let replies =
+            futures::future::join_all((1..=3).map(|n| batcher.request("n.in", big(n)))).await;
+        assert!(replies.iter().all(Result::is_ok));
+        assert_eq!(node.await.unwrap(), vec![2, 1]);
     }
 
     #[tokio::test]

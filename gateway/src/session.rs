@@ -49,9 +49,10 @@ pub struct Session {
     /// a member behind that the client believes gone.
     leaving: HashSet<RoomId>,
     sends: FuturesOrdered<SendFuture>,
-    /// Per joined room, the last send's gate: the next send's retries wait
-    /// for it, so one connection's sends keep their order across retries.
-    lanes: HashMap<RoomId, crate::route::Gate>,
+    /// Per joined room, the last send's trail: the next send goes out
+    /// behind it or waits for it, so one connection's sends keep their
+    /// order across retries, moves and splits.
+    lanes: HashMap<RoomId, crate::route::Trail>,
     joins: FuturesUnordered<JoinFuture>,
 }
 
@@ -512,14 +513,14 @@ impl Session {
         // order. `unconstrained`: with tokio's cooperative budget spent, a
         // first poll would return Pending before publishing and a later
         // send could be published first (seen in bursts of ~130 sends).
-        // Each send of this connection to this room is retried only after
-        // the one before it is done (see `NodeClient::call_after`).
-        let (done, gate) = crate::route::gate();
-        let earlier = self.lanes.insert(room.clone(), gate);
+        // Each send of this connection to this room goes out behind the
+        // one before it, or waits until that one is done (its route
+        // changed, or it is being retried): see `NodeClient::call_after`.
+        let (mark, trail) = crate::route::trail();
+        let earlier = self.lanes.insert(room.clone(), trail);
         self.sends
             .push_back(Box::pin(tokio::task::unconstrained(async move {
-                let _done = done;
-                match client.call_after(&req, earlier).await {
+                match client.call_after(&req, earlier, Some(&mark)).await {
                     Ok((ReplyHead::Ack { seq, .. }, _)) => {
                         METRICS
                             .send_ack_seconds

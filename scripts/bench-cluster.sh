@@ -15,10 +15,18 @@
 #   KEEP=1                    keep the work directory (logs) afterwards
 #   SERVER_LOG=warn           RUST_LOG of both servers (e.g. to time a split)
 #   BIN=target/release        where the three binaries are (to compare builds)
+#   CLIENT_NETNS=1            run chat-load on a host of its own: a network
+#                             namespace joined to the servers by a veth pair
+#                             (10.250.0.1 the servers' side, 10.250.1.x the
+#                             tool's), each side's packet receive work steered
+#                             to its own core (RPS), as between two machines.
+#                             On loopback (the default) the kernel does the
+#                             tool's receive work on the core that sent the
+#                             packet, i.e. charges it to the server core.
 # Needs: cargo build --release --workspace --bins; nats-server (>= 2.10)
 # at target/tools/venv/bin/nats-server (./scripts/test.sh installs it) or
 # NATS_SERVER; Postgres binaries under /usr/lib/postgresql; root (for
-# runuser, and to raise the file-descriptor limit).
+# runuser, to raise the file-descriptor limit, and for CLIENT_NETNS, ip).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -57,6 +65,9 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
   done
+  if [ -n "${NETNS:-}" ]; then
+    ip netns del "$NETNS" 2>/dev/null || true # takes its end of the veth pair, and so the pair
+  fi
   if [ -f "$WORK/pg/postmaster.pid" ]; then
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg" -m fast -w stop >/dev/null 2>&1 || true
   fi
@@ -85,6 +96,38 @@ PIDS+=($!)
 NATS_PID=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
 
+# Where the gateway listens and how chat-load is started: on loopback, or
+# (CLIENT_NETNS=1) across a veth pair from a namespace of its own.
+GW_HOST=127.0.0.1
+LOAD_NS=()
+LOAD_SRC=()
+if [ "${CLIENT_NETNS:-}" = 1 ]; then
+  NETNS=chatbench$$
+  HOST_IF=cb$$h
+  CLIENT_IF=cb$$c
+  GW_HOST=10.250.0.1
+  ip netns add "$NETNS"
+  ip link add "$HOST_IF" type veth peer name "$CLIENT_IF"
+  ip link set "$CLIENT_IF" netns "$NETNS"
+  ip addr add "$GW_HOST/16" dev "$HOST_IF"
+  ip link set "$HOST_IF" up
+  # 64 client addresses: 500 connections each (chat-load's default per
+  # source), 32,000 in all, past the descriptor cap of one process here.
+  for i in $(seq 1 64); do echo "addr add 10.250.1.$i/16 dev $CLIENT_IF"; done | ip -n "$NETNS" -batch -
+  ip -n "$NETNS" link set lo up
+  ip -n "$NETNS" link set "$CLIENT_IF" up
+  # Receive Packet Steering: what arrives for the servers is processed on
+  # the server core, what arrives for the tool on the tool's core.
+  printf '%x' $((1 << SERVER_CPU)) >"/sys/class/net/$HOST_IF/queues/rx-0/rps_cpus"
+  ip netns exec "$NETNS" sh -c "printf '%x' $((1 << LOAD_CPU)) >/sys/class/net/$CLIENT_IF/queues/rx-0/rps_cpus"
+  LOAD_NS=(ip netns exec "$NETNS")
+  # Dev auth off loopback must be asked for; this address is the veth's,
+  # reachable only from the namespace made above.
+  export CHAT_DEV_AUTH_PUBLIC=true
+  LOAD_SRC=(--source-base 10.250.1.1)
+  echo "[bench] chat-load in network namespace $NETNS (veth $HOST_IF/$CLIENT_IF, RPS: servers' side core $SERVER_CPU, tool's side core $LOAD_CPU)"
+fi
+
 export CHAT_NATS_URL=nats://127.0.0.1:$NATS_PORT
 export CHAT_SUBJECT_PREFIX=bench
 SETTINGS=$(env | grep -E '^CHAT_' | grep -vE '^CHAT_(NATS_URL|SUBJECT_PREFIX|JWT_SECRET|API_KEY|DATABASE_URL)=' | sort | paste -sd, - || true)
@@ -96,21 +139,26 @@ CHAT_NODE_ID=bench-node CHAT_ADMIN_LISTEN=127.0.0.1:$ADMIN_PORT \
 PIDS+=($!)
 NODE_PID=$!
 echo "[bench] gateway on :$GW_PORT"
-CHAT_LISTEN=127.0.0.1:$GW_PORT CHAT_DEV_AUTH=true RUST_LOG="${SERVER_LOG:-warn}" \
+CHAT_LISTEN=$GW_HOST:$GW_PORT CHAT_DEV_AUTH=true RUST_LOG="${SERVER_LOG:-warn}" \
   taskset -c "$SERVER_CPU" "$BIN/chat-gateway" >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 GW_PID=$!
 
-ready() { curl -fsS -o /dev/null "http://127.0.0.1:$1/readyz" 2>/dev/null; }
-for _ in $(seq 300); do ready "$ADMIN_PORT" && ready "$GW_PORT" && break; sleep 0.1; done
-ready "$GW_PORT" || { tail -20 "$WORK/gateway.log" "$WORK/node.log" >&2; exit 1; }
+ready() { curl -fsS -o /dev/null "http://$1/readyz" 2>/dev/null; }
+for _ in $(seq 300); do ready "127.0.0.1:$ADMIN_PORT" && ready "$GW_HOST:$GW_PORT" && break; sleep 0.1; done
+ready "$GW_HOST:$GW_PORT" || { tail -n 20 "$WORK/gateway.log" "$WORK/node.log" >&2; exit 1; }
 
 echo "[bench] server pids: gateway $GW_PID, room node $NODE_PID, nats $NATS_PID, postmaster $PG_PID; settings: ${SETTINGS:-defaults}"
 NOTE="server side (gateway, room node, nats-server, Postgres fsync=$PG_FSYNC) on core $SERVER_CPU, chat-load on core $LOAD_CPU; $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+if [ -n "${NETNS:-}" ]; then
+  NOTE="$NOTE; chat-load in its own network namespace over a veth pair, each side's receive work on its own core (RPS)"
+else
+  NOTE="$NOTE; over loopback (the tool's receive work on the server core)"
+fi
 mkdir -p "$OUT"
 set +e
-taskset -c "$LOAD_CPU" "$BIN/chat-load" "$@" \
-  --url "ws://127.0.0.1:$GW_PORT/ws" \
+"${LOAD_NS[@]}" taskset -c "$LOAD_CPU" "$BIN/chat-load" "$@" "${LOAD_SRC[@]}" \
+  --url "ws://$GW_HOST:$GW_PORT/ws" \
   --gateway-pid "$GW_PID" --node-pid "$NODE_PID" \
   --server-pid "$GW_PID,$NODE_PID,$NATS_PID,$PG_PID" \
   ${SETTINGS:+--server-setting "$SETTINGS"} \
@@ -118,5 +166,5 @@ taskset -c "$LOAD_CPU" "$BIN/chat-load" "$@" \
 rc=$?
 set -e
 curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" >"$OUT/node-metrics.txt" 2>/dev/null || true
-curl -fsS "http://127.0.0.1:$GW_PORT/metrics" >"$OUT/gateway-metrics.txt" 2>/dev/null || true
+curl -fsS "http://$GW_HOST:$GW_PORT/metrics" >"$OUT/gateway-metrics.txt" 2>/dev/null || true
 exit "$rc"

@@ -112,6 +112,13 @@ pub struct LoadConfig {
     /// `CHAT_MAX_CONNS_PER_IP`.
     #[arg(long, default_value_t = DEFAULT_CONNS_PER_SOURCE)]
     pub conns_per_source: usize,
+    /// First source address. A loopback one (the default) walks 127/8 as
+    /// above; any other is counted up from, one address per
+    /// `--conns-per-source` connections, and those addresses must be on
+    /// an interface of the tool's host (the client side of the veth pair
+    /// that `scripts/bench-cluster.sh` makes with `CLIENT_NETNS=1`).
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    pub source_base: Ipv4Addr,
     /// WebSocket read buffer per connection, in bytes.
     #[arg(long, default_value_t = DEFAULT_READ_BUFFER)]
     pub read_buffer: usize,
@@ -252,9 +259,13 @@ pub fn target_addr(url: &str) -> Result<SocketAddr, Error> {
         .ok_or_else(|| Error::Config(format!("{url}: no IPv4 address")))
 }
 
-/// The `k`-th loopback source address: 127.0.0.1, 127.0.0.2, ...,
-/// 127.0.0.254, 127.0.1.1, ... (all of 127/8 is loopback on Linux).
-pub fn source_addr(k: usize) -> Ipv4Addr {
+/// The `k`-th source address counted from `base`. From a loopback base:
+/// 127.0.0.1, 127.0.0.2, ..., 127.0.0.254, 127.0.1.1, ... (all of 127/8 is
+/// loopback on Linux); from any other: `base`, `base + 1`, ...
+pub fn source_addr(base: Ipv4Addr, k: usize) -> Ipv4Addr {
+    if !base.is_loopback() {
+        return Ipv4Addr::from(u32::from(base).wrapping_add(k as u32));
+    }
     let k = k % (254 * 256 * 256);
     Ipv4Addr::new(
         127,
@@ -270,10 +281,18 @@ mod tests {
 
     #[test]
     fn source_addresses_stay_in_loopback() {
-        assert_eq!(source_addr(0), Ipv4Addr::new(127, 0, 0, 1));
-        assert_eq!(source_addr(253), Ipv4Addr::new(127, 0, 0, 254));
-        assert_eq!(source_addr(254), Ipv4Addr::new(127, 0, 1, 1));
-        assert!(source_addr(1_000_000).is_loopback());
+        let lo = Ipv4Addr::LOCALHOST;
+        assert_eq!(source_addr(lo, 0), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(source_addr(lo, 253), Ipv4Addr::new(127, 0, 0, 254));
+        assert_eq!(source_addr(lo, 254), Ipv4Addr::new(127, 0, 1, 1));
+        assert!(source_addr(lo, 1_000_000).is_loopback());
+    }
+
+    #[test]
+    fn other_source_addresses_count_up_from_the_base() {
+        let base = Ipv4Addr::new(10, 250, 1, 1);
+        assert_eq!(source_addr(base, 0), base);
+        assert_eq!(source_addr(base, 300), Ipv4Addr::new(10, 250, 2, 45));
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl Conn {
     async fn try_connect(&self) -> anyhow::Result<Ws> {
         let cfg = &self.shared.cfg;
         let (addr, path) = &self.shared.targets[self.plan.idx % self.shared.targets.len()];
-        let src = source_addr(self.plan.idx / cfg.conns_per_source);
+        let src = source_addr(cfg.source_base, self.plan.idx / cfg.conns_per_source);
         let sock = TcpSocket::new_v4()?;
         // Ports in TIME_WAIT from churned connections may be reused for
         // new connections to the same gateway (the 4-tuple still differs).

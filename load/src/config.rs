@@ -148,6 +148,12 @@ pub struct LoadConfig {
     /// their child processes (Postgres backends).
     #[arg(long = "server-pid", value_delimiter = ',')]
     pub server_pids: Vec<u32>,
+    /// The core the server side is pinned to: its busy, softirq and steal
+    /// shares over the measured phase go into the results. On a virtual
+    /// machine steal (the hypervisor running someone else) explains runs
+    /// that are slow for no reason of the server's.
+    #[arg(long)]
+    pub server_core: Option<usize>,
     /// Server settings this run relies on (e.g.
     /// `CHAT_RATE_LIMIT_PER_SEC=0`), copied into the results so they say
     /// under which limits they were measured.

@@ -50,6 +50,19 @@ impl Latency {
     }
 }
 
+/// How the server core spent the measured phase, in percent of its time.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoreShare {
+    /// The core (`--server-core`).
+    pub core: usize,
+    /// Neither idle nor stolen: every process and the kernel.
+    pub busy_percent: f64,
+    /// Softirq (packet receive work among others), part of busy.
+    pub softirq_percent: f64,
+    /// Taken by the hypervisor for someone else.
+    pub steal_percent: f64,
+}
+
 /// Resident memory of one kind of process, before the connections and
 /// with all of them joined.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -157,6 +170,8 @@ pub struct Report {
     /// CPU of every `--server-pid` and its children over the measured
     /// phase, percent of one core.
     pub server_cpu_percent: Option<f64>,
+    /// The server core over the measured phase (`--server-core`).
+    pub server_core: Option<CoreShare>,
     /// Per-second samples.
     pub timeline: Vec<Sample>,
     /// Why the run is not correct (empty: every member received every
@@ -239,6 +254,13 @@ impl Report {
         memory_line(&mut s, "tool RSS", &self.tool_memory);
         if let Some(cpu) = self.server_cpu_percent {
             let _ = writeln!(s, "{:<15}{cpu:.1}% of one core", "server CPU");
+        }
+        if let Some(c) = &self.server_core {
+            let _ = writeln!(
+                s,
+                "{:<15}core {}: busy {:.1}% (softirq {:.1}%), steal {:.1}%",
+                "server core", c.core, c.busy_percent, c.softirq_percent, c.steal_percent
+            );
         }
         let _ = writeln!(s, "{:<15}{:?}", "errors", self.errors);
         let _ = writeln!(s, "{:<15}{:?}", "close codes", self.close_codes);

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::{target_addr, LoadConfig, Scenario};
 use crate::conn::{self, Phase, Plan, Shared};
-use crate::report::{Latency, Memory, Report, Sample};
+use crate::report::{CoreShare, Latency, Memory, Report, Sample};
 use crate::stats::Stats;
 use crate::{sys, Error};
 
@@ -173,11 +173,13 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     // The measured phase.
     let s0 = Snap::of(stats);
     let cpu0 = sys::cpu_ticks(&cfg.server_pids);
+    let core0 = cfg.server_core.and_then(sys::core_times);
     let t0 = Instant::now();
     shared.phase.send_replace(Phase::Running);
     tokio::time::sleep(Duration::from_secs(cfg.duration)).await;
     let s1 = Snap::of(stats);
     let cpu1 = sys::cpu_ticks(&cfg.server_pids);
+    let core1 = cfg.server_core.and_then(sys::core_times);
     let secs = t0.elapsed().as_secs_f64();
     gw_mem.end = sys::total_rss(&cfg.gateway_pids);
     node_mem.end = sys::total_rss(&cfg.node_pids);
@@ -256,6 +258,18 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         tool_memory: tool_mem,
         server_cpu_percent: (!cfg.server_pids.is_empty())
             .then(|| sys::cpu_percent(&cpu0, &cpu1, secs)),
+        server_core: cfg
+            .server_core
+            .zip(core0.zip(core1))
+            .and_then(|(core, (a, b))| {
+                let (busy, softirq, steal) = sys::core_share(a, b)?;
+                Some(CoreShare {
+                    core,
+                    busy_percent: busy,
+                    softirq_percent: softirq,
+                    steal_percent: steal,
+                })
+            }),
         timeline: timeline.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         problems: Vec::new(),
         correct: false,

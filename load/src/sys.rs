@@ -98,6 +98,59 @@ pub fn cpu_percent(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>, secs: 
     ticks as f64 / CLK_TCK / secs * 100.0
 }
 
+/// One core's cumulative times from `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreTimes {
+    /// Every field of the core's line summed (the guest fields are
+    /// already inside user and nice, so they are left out).
+    pub total: u64,
+    /// Idle and I/O wait.
+    pub idle: u64,
+    /// Softirq: packet receive work, among others.
+    pub softirq: u64,
+    /// Time the hypervisor gave to someone else while this core wanted it.
+    pub steal: u64,
+}
+
+/// `core`'s times as of now (`None` when `/proc/stat` has no such core).
+pub fn core_times(core: usize) -> Option<CoreTimes> {
+    parse_core_times(&fs::read_to_string("/proc/stat").ok()?, core)
+}
+
+fn parse_core_times(stat: &str, core: usize) -> Option<CoreTimes> {
+    let name = format!("cpu{core}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    Some(CoreTimes {
+        total: (0..8).map(at).sum(),
+        idle: at(3) + at(4),
+        softirq: at(6),
+        steal: at(7),
+    })
+}
+
+/// What a core did between two [`core_times`] samples, in percent of its
+/// time: busy (neither idle nor stolen), softirq and steal.
+pub fn core_share(before: CoreTimes, after: CoreTimes) -> Option<(f64, f64, f64)> {
+    let total = after.total.checked_sub(before.total).filter(|t| *t > 0)? as f64;
+    let d = |a: u64, b: u64| a.saturating_sub(b) as f64 / total * 100.0;
+    let idle = d(after.idle, before.idle);
+    let steal = d(after.steal, before.steal);
+    Some((
+        (100.0 - idle - steal).max(0.0),
+        d(after.softirq, before.softirq),
+        steal,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +163,35 @@ mod tests {
         let before = HashMap::from([(1, 100)]);
         let after = HashMap::from([(1, 150), (2, 50)]);
         assert!((cpu_percent(&before, &after, 2.0) - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reads_a_cores_line_and_shares_its_time() {
+        let stat = "cpu  9 9 9 9 9 9 9 9 0 0\n\
+                    cpu0 100 0 50 800 20 0 10 20 0 0\n\
+                    cpu1 1 1 1 1 1 1 1 1 0 0\n";
+        let a = parse_core_times(stat, 0).unwrap();
+        assert_eq!(
+            a,
+            CoreTimes {
+                total: 1000,
+                idle: 820,
+                softirq: 10,
+                steal: 20
+            }
+        );
+        assert!(parse_core_times(stat, 2).is_none());
+        let b = CoreTimes {
+            total: 2000,
+            idle: 1120,
+            softirq: 110,
+            steal: 120,
+        };
+        // Of 1,000 ticks: 300 idle, 100 stolen, 100 softirq.
+        let (busy, softirq, steal) = core_share(a, b).unwrap();
+        assert!((busy - 60.0).abs() < 1e-9);
+        assert!((softirq - 10.0).abs() < 1e-9);
+        assert!((steal - 10.0).abs() < 1e-9);
+        assert!(core_times(0).is_some(), "this machine's /proc/stat");
     }
 }

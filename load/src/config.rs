@@ -117,8 +117,13 @@ pub struct LoadConfig {
     /// `--conns-per-source` connections, and those addresses must be on
     /// an interface of the tool's host (the client side of the veth pair
     /// that `scripts/bench-cluster.sh` makes with `CLIENT_NETNS=1`).
-    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
-    pub source_base: Ipv4Addr,
+    ///
+    /// Unset: connections to a loopback gateway walk 127/8 from 127.0.0.1,
+    /// and connections to any other host leave the source to the
+    /// operating system (a remote gateway cannot answer a loopback
+    /// source).
+    #[arg(long)]
+    pub source_base: Option<Ipv4Addr>,
     /// WebSocket read buffer per connection, in bytes.
     #[arg(long, default_value_t = DEFAULT_READ_BUFFER)]
     pub read_buffer: usize,
@@ -137,6 +142,12 @@ pub struct LoadConfig {
     #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
     #[serde(skip)]
     pub jwt_secret: Option<String>,
+    /// Private key (PEM, PKCS#8 or PKCS#1) for a cluster that checks
+    /// tokens with `CHAT_JWT_PUBLIC_KEY_FILE`: every connection signs its
+    /// own `?token=` with it, RS256 for an RSA key and ES256 for a P-256
+    /// one.
+    #[arg(long, conflicts_with = "jwt_secret")]
+    pub jwt_key_file: Option<PathBuf>,
     /// Gateway process ids: their RSS (VmRSS) per connection is reported.
     #[arg(long = "gateway-pid", value_delimiter = ',')]
     pub gateway_pids: Vec<u32>,
@@ -148,6 +159,18 @@ pub struct LoadConfig {
     /// their child processes (Postgres backends).
     #[arg(long = "server-pid", value_delimiter = ',')]
     pub server_pids: Vec<u32>,
+    /// Gateway metrics URLs (`http://host:port/metrics`, comma list), for
+    /// a cluster whose processes are not on this host: memory per
+    /// connection from their `process_resident_memory_bytes` (when no
+    /// `--gateway-pid` is given), CPU over the measured phase from
+    /// `process_cpu_seconds_total`, and their connection count.
+    #[arg(long = "gateway-metrics", value_delimiter = ',')]
+    pub gateway_metrics: Vec<String>,
+    /// Room-node metrics URLs (the admin listener's `/metrics`), read like
+    /// `--gateway-metrics`. In the embedded mode the gateway's endpoint
+    /// covers both: give it once.
+    #[arg(long = "node-metrics", value_delimiter = ',')]
+    pub node_metrics: Vec<String>,
     /// The core the server side is pinned to: its busy, softirq and steal
     /// shares over the measured phase go into the results. On a virtual
     /// machine steal (the hypervisor running someone else) explains runs
@@ -238,31 +261,79 @@ impl LoadConfig {
             return Err(Error::Config("--url is empty".into()));
         }
         for u in &self.urls {
-            target_addr(u)?;
+            target(u)?;
+        }
+        for u in self.gateway_metrics.iter().chain(&self.node_metrics) {
+            crate::scrape::check_url(u).map_err(|e| Error::Config(e.to_string()))?;
         }
         Ok(())
     }
 }
 
-/// The TCP address of a `ws://host:port/path` URL.
+/// One gateway the tool connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The TCP address, resolved once before the run.
+    pub addr: SocketAddr,
+    /// The URL as given: its host goes into the request's `Host` header,
+    /// which an ingress or a proxy in front of the gateways routes by.
+    pub url: String,
+}
+
+impl Target {
+    /// The URL of one connection, with its credential (`user=` or
+    /// `token=`) added to the query.
+    pub fn with_credential(&self, cred: &str) -> String {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}{cred}", self.url)
+    }
+}
+
+/// The gateway of a `ws://host[:port][/path]` URL (path `/ws` when none).
 ///
 /// # Errors
 /// [`Error::Config`] for another scheme or an unresolvable host.
-pub fn target_addr(url: &str) -> Result<SocketAddr, Error> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| Error::Config(format!("{url}: only ws:// URLs are supported")))?;
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let hostport = if hostport.contains(':') {
+pub fn target(url: &str) -> Result<Target, Error> {
+    let rest = url.strip_prefix("ws://").ok_or_else(|| {
+        Error::Config(format!(
+            "{url}: only ws:// URLs are supported (for a TLS ingress, point the tool \
+             at the gateway service inside the cluster)"
+        ))
+    })?;
+    let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
+    if hostport.is_empty() {
+        return Err(Error::Config(format!("{url}: no host")));
+    }
+    let resolvable = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         hostport.to_string()
     } else {
         format!("{hostport}:80")
     };
-    hostport
+    let addr = resolvable
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("{url}: {e}")))?
         .find(SocketAddr::is_ipv4)
-        .ok_or_else(|| Error::Config(format!("{url}: no IPv4 address")))
+        .ok_or_else(|| Error::Config(format!("{url}: no IPv4 address")))?;
+    let url = if rest.len() == hostport.len() || rest[hostport.len()..].starts_with('?') {
+        format!("ws://{hostport}/ws{}", &rest[hostport.len()..])
+    } else {
+        url.to_string()
+    };
+    Ok(Target { addr, url })
+}
+
+/// The source address of the `k`-th group of connections to `target`:
+/// counted from `base` when one is set, walked over 127/8 for a loopback
+/// target, and `None` (the operating system's choice) for any other.
+pub fn source_for(base: Option<Ipv4Addr>, target: SocketAddr, k: usize) -> Option<Ipv4Addr> {
+    match base {
+        Some(b) => Some(source_addr(b, k)),
+        None if target.ip().is_loopback() => Some(source_addr(Ipv4Addr::LOCALHOST, k)),
+        None => None,
+    }
 }
 
 /// The `k`-th source address counted from `base`. From a loopback base:
@@ -311,9 +382,40 @@ mod tests {
         assert_eq!((c.room_count(), c.senders_per_room()), (5, 0));
         assert!(c.validate().is_ok());
         assert_eq!(
-            target_addr("ws://127.0.0.1:9/ws").unwrap(),
+            target("ws://127.0.0.1:9/ws").unwrap().addr,
             "127.0.0.1:9".parse().unwrap()
         );
-        assert!(target_addr("wss://x/ws").is_err());
+        assert!(target("wss://x/ws").is_err());
+        assert!(target("ws:///ws").is_err());
+    }
+
+    #[test]
+    fn a_target_keeps_its_host_and_gets_a_path() {
+        let t = target("ws://localhost:9/chat/ws").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(
+            t.with_credential("user=a"),
+            "ws://localhost:9/chat/ws?user=a"
+        );
+        let t = target("ws://127.0.0.1:9").unwrap();
+        assert_eq!(t.with_credential("user=a"), "ws://127.0.0.1:9/ws?user=a");
+        let t = target("ws://127.0.0.1:9/ws?tenant=x").unwrap();
+        assert_eq!(
+            t.with_credential("user=a"),
+            "ws://127.0.0.1:9/ws?tenant=x&user=a"
+        );
+    }
+
+    #[test]
+    fn only_a_loopback_target_gets_a_loopback_source_by_default() {
+        let lo: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        assert_eq!(source_for(None, lo, 1), Some(Ipv4Addr::new(127, 0, 0, 2)));
+        assert_eq!(source_for(None, remote, 1), None);
+        let base = Ipv4Addr::new(10, 250, 1, 1);
+        assert_eq!(
+            source_for(Some(base), remote, 1),
+            Some(Ipv4Addr::new(10, 250, 1, 2))
+        );
     }
 }

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::config::{source_addr, LoadConfig};
+use crate::config::{source_for, LoadConfig, Target};
 use crate::stats::Stats;
 
 type Ws = WebSocketStream<TcpStream>;
@@ -62,7 +62,7 @@ pub(crate) struct Shared {
     /// Room names, by room index (unique per run).
     pub(crate) rooms: Vec<String>,
     /// Gateway addresses and their `/ws` paths, by URL index.
-    pub(crate) targets: Vec<(SocketAddr, String)>,
+    pub(crate) targets: Vec<Target>,
     /// Prefix of user names and room names of this run.
     pub(crate) run_id: String,
     /// Limits connects in flight during ramp-up.
@@ -71,8 +71,9 @@ pub(crate) struct Shared {
     pub(crate) ready_senders: AtomicU64,
     /// Padding that brings a timestamp up to `--message-bytes`.
     pub(crate) pad: String,
-    /// HS256 key for `?token=` (dev auth `?user=` without it).
-    pub(crate) jwt_key: Option<jsonwebtoken::EncodingKey>,
+    /// Signing algorithm and key for `?token=` (dev auth `?user=`
+    /// without them).
+    pub(crate) jwt_key: Option<(jsonwebtoken::Algorithm, jsonwebtoken::EncodingKey)>,
 }
 
 /// Microseconds since the Unix epoch: the send stamp in every message
@@ -271,28 +272,30 @@ impl Conn {
 
     async fn try_connect(&self) -> anyhow::Result<Ws> {
         let cfg = &self.shared.cfg;
-        let (addr, path) = &self.shared.targets[self.plan.idx % self.shared.targets.len()];
-        let src = source_addr(cfg.source_base, self.plan.idx / cfg.conns_per_source);
+        let target = &self.shared.targets[self.plan.idx % self.shared.targets.len()];
         let sock = TcpSocket::new_v4()?;
         // Ports in TIME_WAIT from churned connections may be reused for
         // new connections to the same gateway (the 4-tuple still differs).
         sock.set_reuseaddr(true)?;
-        sock.bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))?;
-        let stream = sock.connect(*addr).await?;
+        let k = self.plan.idx / cfg.conns_per_source;
+        if let Some(src) = source_for(cfg.source_base, target.addr, k) {
+            sock.bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))?;
+        }
+        let stream = sock.connect(target.addr).await?;
         stream.set_nodelay(true)?;
         let user = self.user();
         let cred = match &self.shared.jwt_key {
             None => format!("user={user}"),
-            Some(key) => {
+            Some((alg, key)) => {
                 let claims = serde_json::json!({
                     "sub": user,
                     "exp": now_us() / 1_000_000 + 24 * 3600,
                 });
-                let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, key)?;
+                let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(*alg), &claims, key)?;
                 format!("token={token}")
             }
         };
-        let url = format!("ws://{addr}{path}?{cred}");
+        let url = target.with_credential(&cred);
         let mut req = url.into_client_request()?;
         if cfg.offer_deflate {
             req.headers_mut().insert(

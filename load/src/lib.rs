@@ -17,11 +17,14 @@
 //! - `stats`: shared counters and latency histograms.
 //! - [`report`]: results as JSON, a human summary and a PNG plot.
 //! - [`sys`]: file-descriptor limit, and RSS and CPU from `/proc`.
+//! - [`scrape`]: RSS, CPU and connections from the servers' `/metrics`,
+//!   for a cluster on other hosts.
 
 pub mod config;
 mod conn;
 pub mod report;
 mod run;
+pub mod scrape;
 mod stats;
 pub mod sys;
 

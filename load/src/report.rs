@@ -75,6 +75,23 @@ pub struct Memory {
     pub end: Option<u64>,
     /// (joined − before) / joined connections, bytes.
     pub per_conn: Option<f64>,
+    /// Where the readings come from: `proc` (`VmRSS` of the given process
+    /// ids) or `metrics` (`process_resident_memory_bytes` of the given
+    /// endpoints).
+    pub source: Option<&'static str>,
+}
+
+/// CPU of the gateways and room nodes over the measured phase, from their
+/// `process_cpu_seconds_total` (NATS and Postgres are not in it).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MetricsCpu {
+    /// Percent of one core.
+    pub percent: f64,
+    /// How far off `percent` may be: the counter is kept in whole seconds,
+    /// so each endpoint's difference is within one second.
+    pub resolution_percent: f64,
+    /// Endpoints summed.
+    pub endpoints: usize,
 }
 
 impl Memory {
@@ -170,6 +187,12 @@ pub struct Report {
     /// CPU of every `--server-pid` and its children over the measured
     /// phase, percent of one core.
     pub server_cpu_percent: Option<f64>,
+    /// CPU of the processes behind `--gateway-metrics` and
+    /// `--node-metrics` over the measured phase.
+    pub metrics_cpu: Option<MetricsCpu>,
+    /// Connections the gateways behind `--gateway-metrics` reported with
+    /// every connection of the run joined (other clients count too).
+    pub gateway_connections: Option<u64>,
     /// The server core over the measured phase (`--server-core`).
     pub server_core: Option<CoreShare>,
     /// Per-second samples.
@@ -195,6 +218,9 @@ fn memory_line(out: &mut String, name: &str, m: &Memory) {
     }
     if let Some(p) = m.per_conn {
         let _ = write!(out, ": {:.2} KiB per connection", p / 1024.0);
+    }
+    if m.source == Some("metrics") {
+        out.push_str(" (from /metrics)");
     }
     out.push('\n');
 }
@@ -254,6 +280,20 @@ impl Report {
         memory_line(&mut s, "tool RSS", &self.tool_memory);
         if let Some(cpu) = self.server_cpu_percent {
             let _ = writeln!(s, "{:<15}{cpu:.1}% of one core", "server CPU");
+        }
+        if let Some(c) = &self.metrics_cpu {
+            let _ = writeln!(
+                s,
+                "{:<15}{:.1}% of one core, ±{:.1}% (gateways and room nodes, {} endpoint(s) of /metrics)",
+                "cluster CPU", c.percent, c.resolution_percent, c.endpoints
+            );
+        }
+        if let Some(n) = self.gateway_connections {
+            let _ = writeln!(
+                s,
+                "{:<15}{n} open with every connection joined",
+                "gateway conns"
+            );
         }
         if let Some(c) = &self.server_core {
             let _ = writeln!(

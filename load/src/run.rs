@@ -10,11 +10,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::{target_addr, LoadConfig, Scenario};
+use crate::config::{target, LoadConfig, Scenario};
 use crate::conn::{self, Phase, Plan, Shared};
-use crate::report::{CoreShare, Latency, Memory, Report, Sample};
+use crate::report::{CoreShare, Latency, Memory, MetricsCpu, Report, Sample};
 use crate::stats::Stats;
-use crate::{sys, Error};
+use crate::{scrape, sys, Error};
 
 /// Width of the send stamp at the start of every message text.
 const STAMP: usize = 16;
@@ -84,6 +84,88 @@ async fn wait_until(deadline: Duration, mut done: impl FnMut() -> bool) -> bool 
     true
 }
 
+/// Where one kind of server process's resident memory is read from.
+enum MemProbe<'a> {
+    /// `/proc/<pid>/status` of these processes (this host).
+    Pids(&'a [u32]),
+    /// `process_resident_memory_bytes` of these endpoints.
+    Metrics(&'a [String]),
+    /// Not measured.
+    Nothing,
+}
+
+impl<'a> MemProbe<'a> {
+    /// Process ids when given (exact, this host), else metrics endpoints.
+    fn of(pids: &'a [u32], metrics: &'a [String]) -> Self {
+        if !pids.is_empty() {
+            Self::Pids(pids)
+        } else if !metrics.is_empty() {
+            Self::Metrics(metrics)
+        } else {
+            Self::Nothing
+        }
+    }
+
+    /// A [`Memory`] with its `before` reading and where it came from.
+    async fn start(&self) -> Memory {
+        Memory {
+            before: self.rss().await,
+            source: match self {
+                Self::Pids(_) => Some("proc"),
+                Self::Metrics(_) => Some("metrics"),
+                Self::Nothing => None,
+            },
+            ..Memory::default()
+        }
+    }
+
+    async fn rss(&self) -> Option<u64> {
+        match self {
+            Self::Pids(p) => sys::total_rss(p),
+            Self::Metrics(urls) => scrape::sum_over(urls, scrape::RSS).await.map(|v| v as u64),
+            Self::Nothing => None,
+        }
+    }
+}
+
+/// CPU seconds of every endpoint in `urls` together (`None` without any,
+/// or when one cannot be read).
+async fn metrics_cpu(urls: &[String]) -> Option<f64> {
+    if urls.is_empty() {
+        return None;
+    }
+    scrape::sum_over(urls, scrape::CPU_SECONDS).await
+}
+
+/// The key every connection signs its token with: HS256 from
+/// `--jwt-secret`, or RS256/ES256 from the PEM of `--jwt-key-file`
+/// (whichever kind of key it holds).
+fn signing_key(
+    cfg: &LoadConfig,
+) -> Result<Option<(jsonwebtoken::Algorithm, jsonwebtoken::EncodingKey)>, Error> {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    if let Some(s) = &cfg.jwt_secret {
+        let key = EncodingKey::from_secret(s.as_bytes())
+            .map_err(|e| Error::Config(format!("--jwt-secret: {e}")))?;
+        return Ok(Some((Algorithm::HS256, key)));
+    }
+    let Some(path) = &cfg.jwt_key_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::Config(format!("--jwt-key-file {}: {e}", path.display())))?;
+    if let Ok(key) = EncodingKey::from_ec_pem(&pem) {
+        return Ok(Some((Algorithm::ES256, key)));
+    }
+    match EncodingKey::from_rsa_pem(&pem) {
+        Ok(key) => Ok(Some((Algorithm::RS256, key))),
+        Err(e) => Err(Error::Config(format!(
+            "--jwt-key-file {}: neither a P-256 nor an RSA private key in PEM: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// Runs a load scenario against the gateways in `cfg` and reports what it
 /// measured. Does not fail on a wrong result: the report says what was
 /// wrong ([`Report::problems`]).
@@ -106,20 +188,9 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let targets = cfg
         .urls
         .iter()
-        .map(|u| {
-            let addr = target_addr(u)?;
-            let rest = u.trim_start_matches("ws://");
-            let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/ws");
-            Ok((addr, path.to_string()))
-        })
+        .map(|u| target(u))
         .collect::<Result<Vec<_>, Error>>()?;
-    let jwt_key = match &cfg.jwt_secret {
-        Some(s) => Some(
-            jsonwebtoken::EncodingKey::from_secret(s.as_bytes())
-                .map_err(|e| Error::Config(format!("--jwt-secret: {e}")))?,
-        ),
-        None => None,
-    };
+    let jwt_key = signing_key(&cfg)?;
     let plans = plans(&cfg);
     let (phase, _) = watch::channel(Phase::Connecting);
     let shared = Arc::new(Shared {
@@ -136,18 +207,20 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     });
     let stats = &shared.stats;
     let tool_pid = [std::process::id()];
-    let mut gw_mem = Memory {
-        before: sys::total_rss(&cfg.gateway_pids),
-        ..Memory::default()
-    };
-    let mut node_mem = Memory {
-        before: sys::total_rss(&cfg.node_pids),
-        ..Memory::default()
-    };
-    let mut tool_mem = Memory {
-        before: sys::total_rss(&tool_pid),
-        ..Memory::default()
-    };
+    let gw_probe = MemProbe::of(&cfg.gateway_pids, &cfg.gateway_metrics);
+    let node_probe = MemProbe::of(&cfg.node_pids, &cfg.node_metrics);
+    let tool_probe = MemProbe::Pids(&tool_pid);
+    let mut gw_mem = gw_probe.start().await;
+    let mut node_mem = node_probe.start().await;
+    let mut tool_mem = tool_probe.start().await;
+    // Every metrics endpoint once (in the embedded mode the gateway's is
+    // also the node's), for CPU time over the measured phase.
+    let mut cpu_urls: Vec<String> = Vec::new();
+    for u in cfg.gateway_metrics.iter().chain(&cfg.node_metrics) {
+        if !cpu_urls.contains(u) {
+            cpu_urls.push(u.clone());
+        }
+    }
 
     let timeline = Arc::new(Mutex::new(Vec::new()));
     let progress = tokio::spawn(progress(shared.clone(), timeline.clone()));
@@ -166,13 +239,21 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let connect_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(cfg.settle)).await;
     let ready = Stats::get(&stats.ready);
-    gw_mem.joined = sys::total_rss(&cfg.gateway_pids);
-    node_mem.joined = sys::total_rss(&cfg.node_pids);
-    tool_mem.joined = sys::total_rss(&tool_pid);
+    gw_mem.joined = gw_probe.rss().await;
+    node_mem.joined = node_probe.rss().await;
+    tool_mem.joined = tool_probe.rss().await;
+    let gateway_connections = if cfg.gateway_metrics.is_empty() {
+        None
+    } else {
+        scrape::sum_over(&cfg.gateway_metrics, scrape::CONNECTIONS)
+            .await
+            .map(|v| v as u64)
+    };
 
     // The measured phase.
     let s0 = Snap::of(stats);
     let cpu0 = sys::cpu_ticks(&cfg.server_pids);
+    let metrics_cpu0 = metrics_cpu(&cpu_urls).await;
     let core0 = cfg.server_core.and_then(sys::core_times);
     let t0 = Instant::now();
     shared.phase.send_replace(Phase::Running);
@@ -180,10 +261,11 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let s1 = Snap::of(stats);
     let cpu1 = sys::cpu_ticks(&cfg.server_pids);
     let core1 = cfg.server_core.and_then(sys::core_times);
+    let metrics_cpu1 = metrics_cpu(&cpu_urls).await;
     let secs = t0.elapsed().as_secs_f64();
-    gw_mem.end = sys::total_rss(&cfg.gateway_pids);
-    node_mem.end = sys::total_rss(&cfg.node_pids);
-    tool_mem.end = sys::total_rss(&tool_pid);
+    gw_mem.end = gw_probe.rss().await;
+    node_mem.end = node_probe.rss().await;
+    tool_mem.end = tool_probe.rss().await;
 
     // Drain: every send answered, then every member at its room's final seq.
     shared.phase.send_replace(Phase::Stopping);
@@ -258,6 +340,12 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         tool_memory: tool_mem,
         server_cpu_percent: (!cfg.server_pids.is_empty())
             .then(|| sys::cpu_percent(&cpu0, &cpu1, secs)),
+        metrics_cpu: metrics_cpu0.zip(metrics_cpu1).map(|(a, b)| MetricsCpu {
+            percent: (b - a).max(0.0) / secs * 100.0,
+            resolution_percent: cpu_urls.len() as f64 / secs * 100.0,
+            endpoints: cpu_urls.len(),
+        }),
+        gateway_connections,
         server_core: cfg
             .server_core
             .zip(core0.zip(core1))
@@ -423,5 +511,24 @@ mod tests {
         ]);
         let p = plans(&c);
         assert!(p.iter().all(|p| p.sender && (p.rate - 0.8).abs() < 1e-9));
+    }
+
+    fn with_key(file: &str) -> LoadConfig {
+        let path = format!("{}/../tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        LoadConfig::from_args(["chat-load", "idle", "--jwt-key-file", &path]).unwrap()
+    }
+
+    #[test]
+    fn a_key_file_signs_with_the_algorithm_of_its_key() {
+        use jsonwebtoken::Algorithm;
+        let alg = |f| signing_key(&with_key(f)).unwrap().map(|(a, _)| a);
+        assert_eq!(alg("rs256.key.pem"), Some(Algorithm::RS256));
+        assert_eq!(alg("es256.key.pem"), Some(Algorithm::ES256));
+        let err = signing_key(&with_key("es256.pub.pem")).unwrap_err();
+        assert!(err.to_string().contains("private key"), "{err}");
+        let err = signing_key(&with_key("missing.pem")).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        let none = LoadConfig::from_args(["chat-load", "idle"]).unwrap();
+        assert!(signing_key(&none).unwrap().is_none());
     }
 }

@@ -31,6 +31,12 @@ async fn run(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Report> {
         .iter()
         .map(|a| format!("ws://{a}/ws"))
         .collect();
+    run_at(&urls, args).await
+}
+
+/// Runs `chat-load` with `args` against the gateways at `urls`, checked
+/// as [`run`] does.
+async fn run_at(urls: &[String], args: &[&str]) -> anyhow::Result<Report> {
     let settings: Vec<String> = SETTINGS.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut argv = vec![
         "chat-load".to_string(),
@@ -123,6 +129,82 @@ async fn load_churn_resumes_without_loss() -> anyhow::Result<()> {
     anyhow::ensure!(
         r.churn_disconnects > 0 && r.acked > 0,
         "no churn happened: {}",
+        r.summary()
+    );
+    Ok(())
+}
+
+/// What a user measuring their own cluster has: gateways by host name (an
+/// ingress routes by it) and no process ids, only the `/metrics` of the
+/// gateways and room nodes. Memory per connection, CPU and the gateways'
+/// connection count come from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reads_server_figures_from_metrics() -> anyhow::Result<()> {
+    let c = cluster("load_reads_server_figures_from_metrics", 1, 1).await?;
+    let gw = c.gateway_addr(0);
+    let urls = vec![format!("ws://localhost:{}/ws", gw.port())];
+    let gw_metrics = format!("--gateway-metrics=http://{gw}/metrics");
+    let node_metrics = format!("--node-metrics=http://{}/metrics", c.node_admin_addr(0));
+    let r = run_at(
+        &urls,
+        &[
+            "rooms",
+            "--conns=40",
+            "--rooms=4",
+            "--rate=10",
+            "--duration=2",
+            &gw_metrics,
+            &node_metrics,
+        ],
+    )
+    .await?;
+    for (name, m) in [("gateway", &r.gateway_memory), ("node", &r.node_memory)] {
+        anyhow::ensure!(
+            m.source == Some("metrics") && m.before.is_some_and(|b| b > 0) && m.per_conn.is_some(),
+            "{name} memory not read from /metrics: {m:?}"
+        );
+    }
+    let cpu = r
+        .metrics_cpu
+        .ok_or_else(|| anyhow::anyhow!("no CPU from /metrics"))?;
+    anyhow::ensure!(cpu.endpoints == 2 && cpu.percent >= 0.0, "{cpu:?}");
+    anyhow::ensure!(
+        r.gateway_connections.is_some_and(|n| n >= 40),
+        "gateway reported {:?} connections with 40 joined",
+        r.gateway_connections
+    );
+    anyhow::ensure!(r.summary().contains("(from /metrics)"), "{}", r.summary());
+    Ok(())
+}
+
+/// A cluster that checks tokens with a public key (no dev auth): the tool
+/// signs each connection's token with the matching private key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_signs_tokens_with_a_private_key() -> anyhow::Result<()> {
+    let fixture = |name: &str| {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let mut b = TestCluster::builder("load_signs_tokens_with_a_private_key")
+        .env("CHAT_DEV_AUTH", "false")
+        .env("CHAT_JWT_PUBLIC_KEY_FILE", fixture("es256.pub.pem"))
+        .env("CHAT_JOIN_RATE_PER_SEC", "0");
+    for (k, v) in SETTINGS {
+        b = b.env(k, v);
+    }
+    let c = b.start().await?;
+    let key = format!("--jwt-key-file={}", fixture("es256.key.pem"));
+    let r = run(
+        &c,
+        &["fanout", "--conns=20", "--rate=20", "--duration=2", &key],
+    )
+    .await?;
+    anyhow::ensure!(
+        r.acked > 0 && r.delivered == r.acked * 20,
+        "{}",
         r.summary()
     );
     Ok(())

@@ -145,8 +145,9 @@ pub struct LoadConfig {
     /// Private key (PEM, PKCS#8 or PKCS#1) for a cluster that checks
     /// tokens with `CHAT_JWT_PUBLIC_KEY_FILE`: every connection signs its
     /// own `?token=` with it, RS256 for an RSA key and ES256 for a P-256
-    /// one.
-    #[arg(long, conflicts_with = "jwt_secret")]
+    /// one. It takes precedence over `--jwt-secret` (which a shell may
+    /// have in its environment as `CHAT_JWT_SECRET`).
+    #[arg(long)]
     pub jwt_key_file: Option<PathBuf>,
     /// Gateway process ids: their RSS (VmRSS) per connection is reported.
     #[arg(long = "gateway-pid", value_delimiter = ',')]
@@ -304,15 +305,7 @@ pub fn target(url: &str) -> Result<Target, Error> {
     if hostport.is_empty() {
         return Err(Error::Config(format!("{url}: no host")));
     }
-    let resolvable = if hostport
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        hostport.to_string()
-    } else {
-        format!("{hostport}:80")
-    };
-    let addr = resolvable
+    let addr = with_port(hostport)
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("{url}: {e}")))?
         .find(SocketAddr::is_ipv4)
@@ -323,6 +316,19 @@ pub fn target(url: &str) -> Result<Target, Error> {
         url.to_string()
     };
     Ok(Target { addr, url })
+}
+
+/// `host[:port]` with the port made explicit: 80, the default of both
+/// `ws://` and `http://`, when none is given.
+pub(crate) fn with_port(host: &str) -> String {
+    if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    }
 }
 
 /// The source address of the `k`-th group of connections to `target`:

@@ -193,6 +193,11 @@ pub struct Report {
     /// Connections the gateways behind `--gateway-metrics` reported with
     /// every connection of the run joined (other clients count too).
     pub gateway_connections: Option<u64>,
+    /// Connections the gateways behind `--gateway-metrics` had accepted
+    /// before this run. Above 0, memory they kept from those (allocator
+    /// caches) is reused by this run's connections, so the memory per
+    /// connection is a lower bound: measure against fresh gateways.
+    pub prior_connects: Option<u64>,
     /// The server core over the measured phase (`--server-core`).
     pub server_core: Option<CoreShare>,
     /// Per-second samples.
@@ -286,6 +291,15 @@ impl Report {
                 s,
                 "{:<15}{:.1}% of one core, ±{:.1}% (gateways and room nodes, {} endpoint(s) of /metrics)",
                 "cluster CPU", c.percent, c.resolution_percent, c.endpoints
+            );
+        }
+        if let Some(n) = self.prior_connects.filter(|n| *n > 0) {
+            let _ = writeln!(
+                s,
+                "{:<15}the gateways had accepted {n} connections before this run: memory kept \
+                 from those makes the per-connection figure a lower bound (restart them to \
+                 measure it)",
+                "note"
             );
         }
         if let Some(n) = self.gateway_connections {

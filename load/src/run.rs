@@ -128,13 +128,14 @@ impl<'a> MemProbe<'a> {
     }
 }
 
-/// CPU seconds of every endpoint in `urls` together (`None` without any,
-/// or when one cannot be read).
-async fn metrics_cpu(urls: &[String]) -> Option<f64> {
+/// CPU seconds of every endpoint in `urls` together, and when they were
+/// read (`None` without any endpoint, or when one cannot be read).
+async fn metrics_cpu(urls: &[String]) -> Option<(f64, Instant)> {
     if urls.is_empty() {
         return None;
     }
-    scrape::sum_over(urls, scrape::CPU_SECONDS).await
+    let v = scrape::sum_over(urls, scrape::CPU_SECONDS).await?;
+    Some((v, Instant::now()))
 }
 
 /// The key every connection signs its token with: HS256 from
@@ -144,26 +145,48 @@ fn signing_key(
     cfg: &LoadConfig,
 ) -> Result<Option<(jsonwebtoken::Algorithm, jsonwebtoken::EncodingKey)>, Error> {
     use jsonwebtoken::{Algorithm, EncodingKey};
+    if let Some(path) = &cfg.jwt_key_file {
+        let (alg, key) = key_from_file(path)?;
+        // A public key parses too; signing once tells them apart before
+        // any connection is made.
+        let claims = serde_json::json!({ "sub": "chat-load", "exp": 1 });
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).map_err(|e| {
+            Error::Config(format!(
+                "--jwt-key-file {}: cannot sign with it ({e}); it must be the private key",
+                path.display()
+            ))
+        })?;
+        return Ok(Some((alg, key)));
+    }
     if let Some(s) = &cfg.jwt_secret {
         let key = EncodingKey::from_secret(s.as_bytes())
             .map_err(|e| Error::Config(format!("--jwt-secret: {e}")))?;
         return Ok(Some((Algorithm::HS256, key)));
     }
-    let Some(path) = &cfg.jwt_key_file else {
-        return Ok(None);
-    };
+    Ok(None)
+}
+
+/// The signing key in a PEM file: ES256 for a P-256 key, RS256 for an
+/// RSA one.
+fn key_from_file(
+    path: &std::path::Path,
+) -> Result<(jsonwebtoken::Algorithm, jsonwebtoken::EncodingKey), Error> {
+    use jsonwebtoken::{Algorithm, EncodingKey};
     let pem = std::fs::read(path)
         .map_err(|e| Error::Config(format!("--jwt-key-file {}: {e}", path.display())))?;
     if let Ok(key) = EncodingKey::from_ec_pem(&pem) {
-        return Ok(Some((Algorithm::ES256, key)));
+        return Ok((Algorithm::ES256, key));
     }
-    match EncodingKey::from_rsa_pem(&pem) {
-        Ok(key) => Ok(Some((Algorithm::RS256, key))),
-        Err(e) => Err(Error::Config(format!(
-            "--jwt-key-file {}: neither a P-256 nor an RSA private key in PEM: {e}",
-            path.display()
-        ))),
-    }
+    EncodingKey::from_rsa_pem(&pem)
+        .map(|key| (Algorithm::RS256, key))
+        .map_err(|e| {
+            Error::Config(format!(
+                "--jwt-key-file {}: not a private key the tool signs with ({e}): \
+                 a P-256 key in PKCS#8 PEM (`openssl pkcs8 -topk8 -nocrypt` converts \
+                 `BEGIN EC PRIVATE KEY`), or an RSA key in PKCS#8 or PKCS#1 PEM",
+                path.display()
+            ))
+        })
 }
 
 /// Runs a load scenario against the gateways in `cfg` and reports what it
@@ -191,6 +214,31 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         .map(|u| target(u))
         .collect::<Result<Vec<_>, Error>>()?;
     let jwt_key = signing_key(&cfg)?;
+    if let Some(dir) = &cfg.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Config(format!("--out {}: {e}", dir.display())))?;
+    }
+    // Every metrics endpoint must answer before connections are made, so a
+    // typo does not cost a whole run; and how many connections each
+    // gateway served before, which the memory baseline depends on.
+    for u in cfg.gateway_metrics.iter().chain(&cfg.node_metrics) {
+        let body = scrape::get(u)
+            .await
+            .map_err(|e| Error::Config(format!("metrics: {e}")))?;
+        if scrape::sum_metric(&body, scrape::RSS).is_none() {
+            return Err(Error::Config(format!(
+                "{u} has no {}: not the /metrics of a gateway or room node",
+                scrape::RSS
+            )));
+        }
+    }
+    let prior_connects = if cfg.gateway_metrics.is_empty() {
+        None
+    } else {
+        scrape::sum_over(&cfg.gateway_metrics, scrape::CONNECTS)
+            .await
+            .map(|v| v as u64)
+    };
     let plans = plans(&cfg);
     let (phase, _) = watch::channel(Phase::Connecting);
     let shared = Arc::new(Shared {
@@ -253,6 +301,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     // The measured phase.
     let s0 = Snap::of(stats);
     let cpu0 = sys::cpu_ticks(&cfg.server_pids);
+    // Read with its own clock: its span is between the two reads.
     let metrics_cpu0 = metrics_cpu(&cpu_urls).await;
     let core0 = cfg.server_core.and_then(sys::core_times);
     let t0 = Instant::now();
@@ -261,8 +310,10 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let s1 = Snap::of(stats);
     let cpu1 = sys::cpu_ticks(&cfg.server_pids);
     let core1 = cfg.server_core.and_then(sys::core_times);
-    let metrics_cpu1 = metrics_cpu(&cpu_urls).await;
+    // The phase ends here, before any read over the network: a slow
+    // endpoint must not stretch the time the rates are divided by.
     let secs = t0.elapsed().as_secs_f64();
+    let metrics_cpu1 = metrics_cpu(&cpu_urls).await;
     gw_mem.end = gw_probe.rss().await;
     node_mem.end = node_probe.rss().await;
     tool_mem.end = tool_probe.rss().await;
@@ -340,12 +391,18 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         tool_memory: tool_mem,
         server_cpu_percent: (!cfg.server_pids.is_empty())
             .then(|| sys::cpu_percent(&cpu0, &cpu1, secs)),
-        metrics_cpu: metrics_cpu0.zip(metrics_cpu1).map(|(a, b)| MetricsCpu {
-            percent: (b - a).max(0.0) / secs * 100.0,
-            resolution_percent: cpu_urls.len() as f64 / secs * 100.0,
-            endpoints: cpu_urls.len(),
-        }),
+        metrics_cpu: metrics_cpu0
+            .zip(metrics_cpu1)
+            .and_then(|((a, ta), (b, tb))| {
+                let span = tb.duration_since(ta).as_secs_f64();
+                (span > 0.0).then(|| MetricsCpu {
+                    percent: (b - a).max(0.0) / span * 100.0,
+                    resolution_percent: cpu_urls.len() as f64 / span * 100.0,
+                    endpoints: cpu_urls.len(),
+                })
+            }),
         gateway_connections,
+        prior_connects,
         server_core: cfg
             .server_core
             .zip(core0.zip(core1))
@@ -407,6 +464,14 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     }
     if !closed_ok {
         p.push("connections did not close in time".into());
+    }
+    let unread =
+        |m: &Memory| m.source == Some("metrics") && (m.joined.is_none() || m.end.is_none());
+    if unread(&r.gateway_memory) || unread(&r.node_memory) {
+        p.push("memory could not be read from /metrics (see the messages above)".into());
+    }
+    if !cpu_urls.is_empty() && r.metrics_cpu.is_none() {
+        p.push("CPU could not be read from /metrics (see the messages above)".into());
     }
     r.correct = r.problems.is_empty();
     Ok(r)
@@ -524,8 +589,10 @@ mod tests {
         let alg = |f| signing_key(&with_key(f)).unwrap().map(|(a, _)| a);
         assert_eq!(alg("rs256.key.pem"), Some(Algorithm::RS256));
         assert_eq!(alg("es256.key.pem"), Some(Algorithm::ES256));
-        let err = signing_key(&with_key("es256.pub.pem")).unwrap_err();
-        assert!(err.to_string().contains("private key"), "{err}");
+        for public in ["es256.pub.pem", "rs256.pub.pem"] {
+            let err = signing_key(&with_key(public)).unwrap_err();
+            assert!(err.to_string().contains("private key"), "{public}: {err}");
+        }
         let err = signing_key(&with_key("missing.pem")).unwrap_err();
         assert!(err.to_string().contains("missing.pem"), "{err}");
         let none = LoadConfig::from_args(["chat-load", "idle"]).unwrap();

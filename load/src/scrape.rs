@@ -22,6 +22,8 @@ pub const RSS: &str = "process_resident_memory_bytes";
 pub const CPU_SECONDS: &str = "process_cpu_seconds_total";
 /// The gateway's open WebSocket connections.
 pub const CONNECTIONS: &str = "chat_gateway_connections";
+/// Connections the gateway accepted since it started.
+pub const CONNECTS: &str = "chat_gateway_connects_total";
 
 /// How long one read of one endpoint may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,15 +69,7 @@ fn split_url(url: &str) -> Result<(String, String), ScrapeError> {
     if host.is_empty() {
         return Err(ScrapeError::Url(url.to_string()));
     }
-    let host = if host
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        host.to_string()
-    } else {
-        format!("{host}:80")
-    };
-    Ok((host, path.to_string()))
+    Ok((crate::config::with_port(host), path.to_string()))
 }
 
 /// Checks that `url` is one [`get`] can read, before a run starts.

@@ -174,6 +174,18 @@ async fn load_reads_server_figures_from_metrics() -> anyhow::Result<()> {
         r.gateway_connections
     );
     anyhow::ensure!(r.summary().contains("(from /metrics)"), "{}", r.summary());
+    anyhow::ensure!(r.prior_connects.is_some(), "no connect count read");
+
+    // An endpoint that is not a server's /metrics fails before any
+    // connection is made.
+    let healthz = format!("--gateway-metrics=http://{gw}/healthz");
+    let err = run_at(&urls, &["idle", "--conns=2", &healthz])
+        .await
+        .expect_err("a /healthz URL is not metrics");
+    anyhow::ensure!(
+        err.to_string().contains("process_resident_memory_bytes"),
+        "{err}"
+    );
     Ok(())
 }
 

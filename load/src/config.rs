@@ -295,15 +295,34 @@ impl Target {
 /// # Errors
 /// [`Error::Config`] for another scheme or an unresolvable host.
 pub fn target(url: &str) -> Result<Target, Error> {
-    let rest = url.strip_prefix("ws://").ok_or_else(|| {
-        Error::Config(format!(
-            "{url}: only ws:// URLs are supported (for a TLS ingress, point the tool \
+    if url.is_empty() {
+        return Err(Error::Config(
+            "an empty URL in --url (a trailing comma?)".into(),
+        ));
+    }
+    // The scheme is case-insensitive (RFC 3986); the rest is kept as is.
+    let lower = url.get(..5).map(str::to_ascii_lowercase);
+    let rest = (lower.as_deref() == Some("ws://"))
+        .then(|| &url[5..])
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{url}: only ws:// URLs are supported (for a TLS ingress, point the tool \
              at the gateway service inside the cluster)"
-        ))
-    })?;
+            ))
+        })?;
+    if rest.contains('#') {
+        return Err(Error::Config(format!(
+            "{url}: a fragment (#...) is never sent to the server; remove it"
+        )));
+    }
     let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
     if hostport.is_empty() {
         return Err(Error::Config(format!("{url}: no host")));
+    }
+    if hostport.contains('@') {
+        return Err(Error::Config(format!(
+            "{url}: credentials in the URL are not used; give --jwt-secret or --jwt-key-file"
+        )));
     }
     let addr = with_port(hostport)
         .to_socket_addrs()
@@ -313,7 +332,7 @@ pub fn target(url: &str) -> Result<Target, Error> {
     let url = if rest.len() == hostport.len() || rest[hostport.len()..].starts_with('?') {
         format!("ws://{hostport}/ws{}", &rest[hostport.len()..])
     } else {
-        url.to_string()
+        format!("ws://{rest}")
     };
     Ok(Target { addr, url })
 }
@@ -393,6 +412,16 @@ mod tests {
         );
         assert!(target("wss://x/ws").is_err());
         assert!(target("ws:///ws").is_err());
+        assert!(target("")
+            .unwrap_err()
+            .to_string()
+            .contains("trailing comma"));
+        assert!(target("ws://127.0.0.1:9/ws#x").is_err());
+        assert!(target("ws://u:p@127.0.0.1:9/ws").is_err());
+        assert_eq!(
+            target("WS://127.0.0.1:9/ws").unwrap().url,
+            "ws://127.0.0.1:9/ws"
+        );
     }
 
     #[test]

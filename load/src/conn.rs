@@ -33,6 +33,8 @@ type Ws = WebSocketStream<TcpStream>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connect attempts of a connection before it gives up.
 const CONNECT_TRIES: u32 = 5;
+/// Connect errors printed as they happen; the rest are only counted.
+const PRINTED_CONNECT_ERRORS: u64 = 10;
 /// How long a closing connection waits for the server's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Width of the send timestamp at the start of every message text.
@@ -253,21 +255,43 @@ impl Conn {
             if self.phase == Phase::Closing {
                 return None;
             }
-            match tokio::time::timeout(CONNECT_TIMEOUT, self.try_connect()).await {
+            let failure = match tokio::time::timeout(CONNECT_TIMEOUT, self.try_connect()).await {
                 Ok(Ok(ws)) => return Some(ws),
-                Ok(Err(e)) => {
-                    Stats::inc(&self.stats().connect_errors, 1);
-                    if self.plan.idx < 3 || attempt + 1 == CONNECT_TRIES {
-                        eprintln!("chat-load: connection {}: {e}", self.plan.idx);
-                    }
-                }
-                Err(_) => Stats::inc(&self.stats().connect_errors, 1),
-            }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "no answer within {} s (TCP connect, upgrade and hello)",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            };
+            self.connect_failed(failure);
             let backoff = 100u64 << attempt.min(5);
             tokio::time::sleep(Duration::from_millis(backoff)).await;
             self.phase = *self.phase_rx.borrow();
         }
         None
+    }
+
+    /// Counts a failed connect attempt by its reason, and prints the first
+    /// few: a thousand connections failing alike would otherwise print a
+    /// thousand identical lines.
+    fn connect_failed(&self, failure: String) {
+        let stats = self.stats();
+        Stats::inc(&stats.connect_errors, 1);
+        let printed = stats.connect_errors.load(Ordering::Relaxed);
+        if printed <= PRINTED_CONNECT_ERRORS {
+            eprintln!("chat-load: connection {}: {failure}", self.plan.idx);
+            if printed == PRINTED_CONNECT_ERRORS {
+                eprintln!(
+                    "chat-load: further connect errors are counted in the results, not printed"
+                );
+            }
+        }
+        *stats
+            .connect_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(failure.chars().take(160).collect())
+            .or_default() += 1;
     }
 
     async fn try_connect(&self) -> anyhow::Result<Ws> {

@@ -142,6 +142,9 @@ pub struct Report {
     pub failed: u64,
     /// Failed connect attempts (including ones retried successfully).
     pub connect_errors: u64,
+    /// Failed connect attempts by what went wrong (the first 160
+    /// characters of the error).
+    pub connect_failures: BTreeMap<String, u64>,
     /// Seconds from the first connect until every connection had joined.
     pub connect_secs: f64,
     /// Length of the measured phase, seconds.

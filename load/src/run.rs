@@ -285,7 +285,12 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     })
     .await;
     let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(cfg.settle)).await;
+    // With no connection joined there is nothing to measure: say so at
+    // once instead of after the whole phase.
+    let nothing = Stats::get(&stats.ready) == 0;
+    if !nothing {
+        tokio::time::sleep(Duration::from_secs(cfg.settle)).await;
+    }
     let ready = Stats::get(&stats.ready);
     gw_mem.joined = gw_probe.rss().await;
     node_mem.joined = node_probe.rss().await;
@@ -306,7 +311,9 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let core0 = cfg.server_core.and_then(sys::core_times);
     let t0 = Instant::now();
     shared.phase.send_replace(Phase::Running);
-    tokio::time::sleep(Duration::from_secs(cfg.duration)).await;
+    if !nothing {
+        tokio::time::sleep(Duration::from_secs(cfg.duration)).await;
+    }
     let s1 = Snap::of(stats);
     let cpu1 = sys::cpu_ticks(&cfg.server_pids);
     let core1 = cfg.server_core.and_then(sys::core_times);
@@ -368,6 +375,11 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         connected: ready,
         failed: Stats::get(&stats.failed),
         connect_errors: Stats::get(&stats.connect_errors),
+        connect_failures: stats
+            .connect_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
         connect_secs,
         duration_secs: secs,
         sent: Stats::get(&stats.sent),
@@ -427,7 +439,13 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         ));
     }
     if r.connect_errors > 0 {
-        p.push(format!("{} failed connect attempts", r.connect_errors));
+        p.push(format!(
+            "{} failed connect attempts {:?}",
+            r.connect_errors, r.connect_failures
+        ));
+    }
+    if ready == 0 {
+        p.push("no connection joined: the measured phase was skipped".into());
     }
     if !r.errors.is_empty() {
         p.push(format!("error frames {:?}", r.errors));

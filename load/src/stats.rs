@@ -66,6 +66,8 @@ pub(crate) struct Stats {
     pub(crate) room_final: Vec<AtomicU64>,
     /// Error frames by code.
     pub(crate) errors: Mutex<BTreeMap<String, u64>>,
+    /// Failed connect attempts by what went wrong.
+    pub(crate) connect_failures: Mutex<BTreeMap<String, u64>>,
     /// Close codes received from the server (and `0` for connections that
     /// ended without a close frame), by code.
     pub(crate) closes: Mutex<BTreeMap<u16, u64>>,
@@ -94,6 +96,7 @@ impl Stats {
             finished: AtomicU64::new(0),
             room_final: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             errors: Mutex::new(BTreeMap::new()),
+            connect_failures: Mutex::new(BTreeMap::new()),
             closes: Mutex::new(BTreeMap::new()),
             hists: Mutex::new(Hists {
                 total: new_hist(),

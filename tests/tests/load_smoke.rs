@@ -219,5 +219,29 @@ async fn load_signs_tokens_with_a_private_key() -> anyhow::Result<()> {
         "{}",
         r.summary()
     );
+
+    // Without a key every upgrade is refused: the run fails, says why, and
+    // skips its measured phase.
+    let url = format!("--url=ws://{}/ws", c.gateway_addr(0));
+    let cfg = LoadConfig::from_args([
+        "chat-load",
+        "fanout",
+        "--conns=3",
+        "--duration=600",
+        "--quiet",
+        url.as_str(),
+    ])?;
+    let r = chat_load::run(cfg).await?;
+    anyhow::ensure!(!r.correct && r.connected == 0, "{}", r.summary());
+    anyhow::ensure!(
+        r.connect_failures.keys().any(|k| k.contains("401")),
+        "{:?}",
+        r.connect_failures
+    );
+    anyhow::ensure!(
+        r.problems.iter().any(|p| p.contains("phase was skipped")),
+        "{:?}",
+        r.problems
+    );
     Ok(())
 }

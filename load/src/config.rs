@@ -59,6 +59,8 @@ pub struct LoadConfig {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// Gateway WebSocket URLs (comma list); connection i uses URL i mod n.
+    /// `ws://` to gateways directly, `wss://` through a TLS ingress (see
+    /// `--ca-file`).
     #[arg(
         long = "url",
         value_delimiter = ',',
@@ -149,6 +151,10 @@ pub struct LoadConfig {
     /// have in its environment as `CHAT_JWT_SECRET`).
     #[arg(long)]
     pub jwt_key_file: Option<PathBuf>,
+    /// PEM certificates to trust for `wss://` besides the public roots: the
+    /// CA of an ingress with a private certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Gateway process ids: their RSS (VmRSS) per connection is reported.
     #[arg(long = "gateway-pid", value_delimiter = ',')]
     pub gateway_pids: Vec<u32>,
@@ -276,6 +282,9 @@ impl LoadConfig {
 pub struct Target {
     /// The TCP address, resolved once before the run.
     pub addr: SocketAddr,
+    /// `wss://`: TLS (an ingress in front of the gateways), checked
+    /// against the host name in the URL.
+    pub tls: bool,
     /// The URL as given: its host goes into the request's `Host` header,
     /// which an ingress or a proxy in front of the gateways routes by.
     pub url: String,
@@ -290,7 +299,8 @@ impl Target {
     }
 }
 
-/// The gateway of a `ws://host[:port][/path]` URL (path `/ws` when none).
+/// The gateway of a `ws://` or `wss://host[:port][/path]` URL (path `/ws`
+/// when none; port 80 or 443 when none).
 ///
 /// # Errors
 /// [`Error::Config`] for another scheme or an unresolvable host.
@@ -301,15 +311,13 @@ pub fn target(url: &str) -> Result<Target, Error> {
         ));
     }
     // The scheme is case-insensitive (RFC 3986); the rest is kept as is.
-    let lower = url.get(..5).map(str::to_ascii_lowercase);
-    let rest = (lower.as_deref() == Some("ws://"))
-        .then(|| &url[5..])
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "{url}: only ws:// URLs are supported (for a TLS ingress, point the tool \
-             at the gateway service inside the cluster)"
-            ))
-        })?;
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "ws" => false,
+        "wss" => true,
+        _ => return Err(Error::Config(format!("{url}: expected ws:// or wss://"))),
+    };
+    let scheme = if tls { "wss" } else { "ws" };
     if rest.contains('#') {
         return Err(Error::Config(format!(
             "{url}: a fragment (#...) is never sent to the server; remove it"
@@ -324,29 +332,29 @@ pub fn target(url: &str) -> Result<Target, Error> {
             "{url}: credentials in the URL are not used; give --jwt-secret or --jwt-key-file"
         )));
     }
-    let addr = with_port(hostport)
+    let addr = with_port(hostport, if tls { 443 } else { 80 })
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("{url}: {e}")))?
         .find(SocketAddr::is_ipv4)
         .ok_or_else(|| Error::Config(format!("{url}: no IPv4 address")))?;
     let url = if rest.len() == hostport.len() || rest[hostport.len()..].starts_with('?') {
-        format!("ws://{hostport}/ws{}", &rest[hostport.len()..])
+        format!("{scheme}://{hostport}/ws{}", &rest[hostport.len()..])
     } else {
-        format!("ws://{rest}")
+        format!("{scheme}://{rest}")
     };
-    Ok(Target { addr, url })
+    Ok(Target { addr, tls, url })
 }
 
-/// `host[:port]` with the port made explicit: 80, the default of both
-/// `ws://` and `http://`, when none is given.
-pub(crate) fn with_port(host: &str) -> String {
+/// `host[:port]` with the port made explicit: the scheme's `default`
+/// when none is given.
+pub(crate) fn with_port(host: &str, default: u16) -> String {
     if host
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
         host.to_string()
     } else {
-        format!("{host}:80")
+        format!("{host}:{default}")
     }
 }
 
@@ -410,7 +418,9 @@ mod tests {
             target("ws://127.0.0.1:9/ws").unwrap().addr,
             "127.0.0.1:9".parse().unwrap()
         );
-        assert!(target("wss://x/ws").is_err());
+        assert!(target("http://127.0.0.1:9/ws").is_err());
+        let t = target("wss://localhost/ws").unwrap();
+        assert!(t.tls && t.addr.port() == 443, "{t:?}");
         assert!(target("ws:///ws").is_err());
         assert!(target("")
             .unwrap_err()

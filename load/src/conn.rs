@@ -22,12 +22,12 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::{source_for, LoadConfig, Target};
 use crate::stats::Stats;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a connect (TCP, upgrade, hello) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -76,6 +76,9 @@ pub(crate) struct Shared {
     /// Signing algorithm and key for `?token=` (dev auth `?user=`
     /// without them).
     pub(crate) jwt_key: Option<(jsonwebtoken::Algorithm, jsonwebtoken::EncodingKey)>,
+    /// TLS settings for `wss://` targets (`None` when every target is
+    /// `ws://`).
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Microseconds since the Unix epoch: the send stamp in every message
@@ -331,8 +334,17 @@ impl Conn {
             .read_buffer_size(cfg.read_buffer)
             .write_buffer_size(0)
             .max_write_buffer_size(1 << 20);
-        let (mut ws, _) =
-            tokio_tungstenite::client_async_with_config(req, stream, Some(ws_cfg)).await?;
+        let connector = match (&self.shared.tls, target.tls) {
+            (Some(tls), true) => Connector::Rustls(tls.clone()),
+            _ => Connector::Plain,
+        };
+        let (mut ws, _) = tokio_tungstenite::client_async_tls_with_config(
+            req,
+            stream,
+            Some(ws_cfg),
+            Some(connector),
+        )
+        .await?;
         match ws.next().await {
             Some(Ok(Message::Text(t))) if t.as_str().contains("\"hello\"") => Ok(ws),
             other => anyhow::bail!("expected hello, got {other:?}"),

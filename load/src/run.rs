@@ -138,6 +138,36 @@ async fn metrics_cpu(urls: &[String]) -> Option<(f64, Instant)> {
     Some((v, Instant::now()))
 }
 
+/// TLS settings for `wss://`: the public (Mozilla) roots, and the
+/// certificates of `ca_file` for an ingress with a private CA.
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, Error> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let bad =
+            |e: &dyn std::fmt::Display| Error::Config(format!("--ca-file {}: {e}", path.display()));
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        if certs.is_empty() {
+            return Err(bad(&"no certificate in it"));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| bad(&e))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The key every connection signs its token with: HS256 from
 /// `--jwt-secret`, or RS256/ES256 from the PEM of `--jwt-key-file`
 /// (whichever kind of key it holds).
@@ -214,6 +244,11 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         .map(|u| target(u))
         .collect::<Result<Vec<_>, Error>>()?;
     let jwt_key = signing_key(&cfg)?;
+    let tls = if targets.iter().any(|t| t.tls) {
+        Some(tls_config(cfg.ca_file.as_deref())?)
+    } else {
+        None
+    };
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Config(format!("--out {}: {e}", dir.display())))?;
@@ -251,6 +286,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         ready_senders: AtomicU64::new(0),
         pad: "x".repeat(cfg.message_bytes - STAMP),
         jwt_key,
+        tls,
         cfg: cfg.clone(),
     });
     let stats = &shared.stats;

@@ -69,7 +69,7 @@ fn split_url(url: &str) -> Result<(String, String), ScrapeError> {
     if host.is_empty() {
         return Err(ScrapeError::Url(url.to_string()));
     }
-    Ok((crate::config::with_port(host), path.to_string()))
+    Ok((crate::config::with_port(host, 80), path.to_string()))
 }
 
 /// Checks that `url` is one [`get`] can read, before a run starts.

@@ -193,13 +193,7 @@ async fn load_reads_server_figures_from_metrics() -> anyhow::Result<()> {
 /// signs each connection's token with the matching private key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_signs_tokens_with_a_private_key() -> anyhow::Result<()> {
-    let fixture = |name: &str| {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join(name)
-            .display()
-            .to_string()
-    };
+    let fixture = |name: &str| fixture(name).display().to_string();
     let mut b = TestCluster::builder("load_signs_tokens_with_a_private_key")
         .env("CHAT_DEV_AUTH", "false")
         .env("CHAT_JWT_PUBLIC_KEY_FILE", fixture("es256.pub.pem"))
@@ -242,6 +236,79 @@ async fn load_signs_tokens_with_a_private_key() -> anyhow::Result<()> {
         r.problems.iter().any(|p| p.contains("phase was skipped")),
         "{:?}",
         r.problems
+    );
+    Ok(())
+}
+
+/// A TLS front for the gateway at `gateway`, like an ingress: a test
+/// certificate for `localhost` (signed by `fixtures/tls-ca.pem`), every
+/// connection piped to the gateway. Returns its port.
+async fn tls_front(gateway: std::net::SocketAddr) -> anyhow::Result<u16> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(fixture("tls-localhost.pem"))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(fixture("tls-localhost.key.pem"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(gateway).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Through a TLS front (an ingress with a private CA): `wss://` with the
+/// CA given works; without it every connection is refused for the
+/// certificate, and the run says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_connects_over_tls_with_a_private_ca() -> anyhow::Result<()> {
+    let c = cluster("load_connects_over_tls_with_a_private_ca", 1, 1).await?;
+    let port = tls_front(c.gateway_addr(0)).await?;
+    let urls = vec![format!("wss://localhost:{port}/ws")];
+    let ca = format!("--ca-file={}", fixture("tls-ca.pem").display());
+    let r = run_at(
+        &urls,
+        &["fanout", "--conns=20", "--rate=20", "--duration=2", &ca],
+    )
+    .await?;
+    anyhow::ensure!(
+        r.acked > 0 && r.delivered == r.acked * 20,
+        "{}",
+        r.summary()
+    );
+
+    let url = format!("--url={}", urls[0]);
+    let cfg = LoadConfig::from_args(["chat-load", "idle", "--conns=2", "--quiet", url.as_str()])?;
+    let r = chat_load::run(cfg).await?;
+    anyhow::ensure!(!r.correct && r.connected == 0, "{}", r.summary());
+    anyhow::ensure!(
+        r.connect_failures
+            .keys()
+            .any(|k| k.to_lowercase().contains("certificate")),
+        "{:?}",
+        r.connect_failures
     );
     Ok(())
 }

@@ -131,11 +131,17 @@ impl<'a> MemProbe<'a> {
 /// CPU seconds of every endpoint in `urls` together, and when they were
 /// read (`None` without any endpoint, or when one cannot be read).
 async fn metrics_cpu(urls: &[String]) -> Option<(f64, Instant)> {
+    let v = sum_if_any(urls, scrape::CPU_SECONDS).await?;
+    Some((v, Instant::now()))
+}
+
+/// Metric `name` summed over `urls`; `None` when there are none (the
+/// figure was not asked for) or one cannot be read.
+async fn sum_if_any(urls: &[String], name: &str) -> Option<f64> {
     if urls.is_empty() {
         return None;
     }
-    let v = scrape::sum_over(urls, scrape::CPU_SECONDS).await?;
-    Some((v, Instant::now()))
+    scrape::sum_over(urls, name).await
 }
 
 /// TLS settings for `wss://`: the public (Mozilla) roots, and the
@@ -267,13 +273,9 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
             )));
         }
     }
-    let prior_connects = if cfg.gateway_metrics.is_empty() {
-        None
-    } else {
-        scrape::sum_over(&cfg.gateway_metrics, scrape::CONNECTS)
-            .await
-            .map(|v| v as u64)
-    };
+    let prior_connects = sum_if_any(&cfg.gateway_metrics, scrape::CONNECTS)
+        .await
+        .map(|v| v as u64);
     let plans = plans(&cfg);
     let (phase, _) = watch::channel(Phase::Connecting);
     let shared = Arc::new(Shared {
@@ -331,13 +333,9 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     gw_mem.joined = gw_probe.rss().await;
     node_mem.joined = node_probe.rss().await;
     tool_mem.joined = tool_probe.rss().await;
-    let gateway_connections = if cfg.gateway_metrics.is_empty() {
-        None
-    } else {
-        scrape::sum_over(&cfg.gateway_metrics, scrape::CONNECTIONS)
-            .await
-            .map(|v| v as u64)
-    };
+    let gateway_connections = sum_if_any(&cfg.gateway_metrics, scrape::CONNECTIONS)
+        .await
+        .map(|v| v as u64);
 
     // The measured phase.
     let s0 = Snap::of(stats);

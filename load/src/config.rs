@@ -270,8 +270,16 @@ impl LoadConfig {
         for u in &self.urls {
             target(u)?;
         }
+        // Each endpoint once: a process summed twice doubles its memory.
+        let mut seen = std::collections::HashSet::new();
         for u in self.gateway_metrics.iter().chain(&self.node_metrics) {
-            crate::scrape::check_url(u).map_err(|e| Error::Config(e.to_string()))?;
+            let e = crate::scrape::endpoint(u).map_err(|e| Error::Config(e.to_string()))?;
+            if !seen.insert(e) {
+                return Err(Error::Config(format!(
+                    "{u} is given twice in --gateway-metrics/--node-metrics (in the embedded \
+                     mode one process is both: give its /metrics once, as --gateway-metrics)"
+                )));
+            }
         }
         Ok(())
     }
@@ -333,6 +341,7 @@ pub fn target(url: &str) -> Result<Target, Error> {
         )));
     }
     let addr = with_port(hostport, if tls { 443 } else { 80 })
+        .map_err(|e| Error::Config(format!("{url}: {e}")))?
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("{url}: {e}")))?
         .find(SocketAddr::is_ipv4)
@@ -347,14 +356,14 @@ pub fn target(url: &str) -> Result<Target, Error> {
 
 /// `host[:port]` with the port made explicit: the scheme's `default`
 /// when none is given.
-pub(crate) fn with_port(host: &str, default: u16) -> String {
-    if host
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        host.to_string()
-    } else {
-        format!("{host}:{default}")
+///
+/// # Errors
+/// A message for a port that is not a number from 1 to 65535.
+pub(crate) fn with_port(host: &str, default: u16) -> Result<String, String> {
+    match host.rsplit_once(':') {
+        None => Ok(format!("{host}:{default}")),
+        Some((_, p)) if p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(host.to_string()),
+        Some((_, p)) => Err(format!("bad port {p:?}")),
     }
 }
 
@@ -422,6 +431,10 @@ mod tests {
         let t = target("wss://localhost/ws").unwrap();
         assert!(t.tls && t.addr.port() == 443, "{t:?}");
         assert!(target("ws:///ws").is_err());
+        assert!(target("ws://127.0.0.1:99999/ws")
+            .unwrap_err()
+            .to_string()
+            .contains("bad port"));
         assert!(target("")
             .unwrap_err()
             .to_string()

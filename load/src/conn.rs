@@ -254,16 +254,19 @@ impl Conn {
     /// upgrade, `hello`; retried a few times. `None` once it gives up (or
     /// the run is closing).
     async fn connect(&mut self) -> Option<Ws> {
+        let cfg_timeout = self.shared.cfg.connect_timeout;
         for attempt in 0..CONNECT_TRIES {
             if self.phase == Phase::Closing {
                 return None;
             }
-            let failure = match tokio::time::timeout(CONNECT_TIMEOUT, self.try_connect()).await {
+            // One attempt never outlasts the whole ramp-up's deadline.
+            let limit = CONNECT_TIMEOUT.min(Duration::from_secs(cfg_timeout.max(1)));
+            let failure = match tokio::time::timeout(limit, self.try_connect()).await {
                 Ok(Ok(ws)) => return Some(ws),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!(
                     "no answer within {} s (TCP connect, upgrade and hello)",
-                    CONNECT_TIMEOUT.as_secs()
+                    limit.as_secs()
                 ),
             };
             self.connect_failed(failure);

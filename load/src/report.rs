@@ -142,6 +142,9 @@ pub struct Report {
     pub failed: u64,
     /// Failed connect attempts (including ones retried successfully).
     pub connect_errors: u64,
+    /// How connections authenticated: `dev` (`?user=`, the gateways' dev
+    /// auth) or the token algorithm (`HS256`, `RS256`, `ES256`).
+    pub auth: String,
     /// Failed connect attempts by what went wrong (the first 160
     /// characters of the error).
     pub connect_failures: BTreeMap<String, u64>,
@@ -319,6 +322,7 @@ impl Report {
                 "server core", c.core, c.busy_percent, c.softirq_percent, c.steal_percent
             );
         }
+        let _ = writeln!(s, "{:<15}{}", "auth", self.auth);
         let _ = writeln!(s, "{:<15}{:?}", "errors", self.errors);
         let _ = writeln!(s, "{:<15}{:?}", "close codes", self.close_codes);
         if self.correct {

@@ -130,9 +130,26 @@ impl<'a> MemProbe<'a> {
 
 /// CPU seconds of every endpoint in `urls` together, and when they were
 /// read (`None` without any endpoint, or when one cannot be read).
-async fn metrics_cpu(urls: &[String]) -> Option<(f64, Instant)> {
-    let v = sum_if_any(urls, scrape::CPU_SECONDS).await?;
-    Some((v, Instant::now()))
+async fn metrics_cpu(urls: &[String]) -> Option<CpuRead> {
+    let start = Instant::now();
+    let seconds = sum_if_any(urls, scrape::CPU_SECONDS).await?;
+    let took = start.elapsed();
+    Some(CpuRead {
+        seconds,
+        mid: start + took / 2,
+        took,
+    })
+}
+
+/// One read of the CPU counters.
+#[derive(Debug, Clone, Copy)]
+struct CpuRead {
+    /// CPU seconds summed over the endpoints.
+    seconds: f64,
+    /// The middle of the read: the counters were sampled around then.
+    mid: Instant,
+    /// How long the read took.
+    took: Duration,
 }
 
 /// Metric `name` summed over `urls`; `None` when there are none (the
@@ -194,7 +211,7 @@ fn signing_key(
         })?;
         return Ok(Some((alg, key)));
     }
-    if let Some(s) = &cfg.jwt_secret {
+    if let Some(s) = cfg.jwt_secret.as_ref().filter(|s| !s.is_empty()) {
         let key = EncodingKey::from_secret(s.as_bytes())
             .map_err(|e| Error::Config(format!("--jwt-secret: {e}")))?;
         return Ok(Some((Algorithm::HS256, key)));
@@ -250,6 +267,9 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         .map(|u| target(u))
         .collect::<Result<Vec<_>, Error>>()?;
     let jwt_key = signing_key(&cfg)?;
+    let auth = jwt_key
+        .as_ref()
+        .map_or_else(|| "dev".to_string(), |(alg, _)| format!("{alg:?}"));
     let tls = if targets.iter().any(|t| t.tls) {
         Some(tls_config(cfg.ca_file.as_deref())?)
     } else {
@@ -266,11 +286,24 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         let body = scrape::get(u)
             .await
             .map_err(|e| Error::Config(format!("metrics: {e}")))?;
-        if scrape::sum_metric(&body, scrape::RSS).is_none() {
-            return Err(Error::Config(format!(
-                "{u} has no {}: not the /metrics of a gateway or room node",
-                scrape::RSS
-            )));
+        let gateway = cfg.gateway_metrics.contains(u);
+        let needed = [scrape::RSS, scrape::CPU_SECONDS].into_iter().chain(
+            gateway
+                .then_some([scrape::CONNECTIONS, scrape::CONNECTS])
+                .into_iter()
+                .flatten(),
+        );
+        for name in needed {
+            if scrape::sum_metric(&body, name).is_none() {
+                return Err(Error::Config(format!(
+                    "{u} has no valid {name}: not the /metrics of a {} of this release",
+                    if gateway {
+                        "gateway"
+                    } else {
+                        "gateway or room node"
+                    }
+                )));
+            }
         }
     }
     let prior_connects = sum_if_any(&cfg.gateway_metrics, scrape::CONNECTS)
@@ -299,14 +332,14 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let mut gw_mem = gw_probe.start().await;
     let mut node_mem = node_probe.start().await;
     let mut tool_mem = tool_probe.start().await;
-    // Every metrics endpoint once (in the embedded mode the gateway's is
-    // also the node's), for CPU time over the measured phase.
-    let mut cpu_urls: Vec<String> = Vec::new();
-    for u in cfg.gateway_metrics.iter().chain(&cfg.node_metrics) {
-        if !cpu_urls.contains(u) {
-            cpu_urls.push(u.clone());
-        }
-    }
+    // Every metrics endpoint (each once: `validate` refuses repeats), for
+    // CPU time over the measured phase.
+    let cpu_urls: Vec<String> = cfg
+        .gateway_metrics
+        .iter()
+        .chain(&cfg.node_metrics)
+        .cloned()
+        .collect();
 
     let timeline = Arc::new(Mutex::new(Vec::new()));
     let progress = tokio::spawn(progress(shared.clone(), timeline.clone()));
@@ -333,9 +366,13 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     gw_mem.joined = gw_probe.rss().await;
     node_mem.joined = node_probe.rss().await;
     tool_mem.joined = tool_probe.rss().await;
-    let gateway_connections = sum_if_any(&cfg.gateway_metrics, scrape::CONNECTIONS)
-        .await
-        .map(|v| v as u64);
+    let gateway_connections = if ready > 0 {
+        sum_if_any(&cfg.gateway_metrics, scrape::CONNECTIONS)
+            .await
+            .map(|v| v as u64)
+    } else {
+        None
+    };
 
     // The measured phase.
     let s0 = Snap::of(stats);
@@ -409,6 +446,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
         connected: ready,
         failed: Stats::get(&stats.failed),
         connect_errors: Stats::get(&stats.connect_errors),
+        auth,
         connect_failures: stats
             .connect_failures
             .lock()
@@ -439,11 +477,16 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
             .then(|| sys::cpu_percent(&cpu0, &cpu1, secs)),
         metrics_cpu: metrics_cpu0
             .zip(metrics_cpu1)
-            .and_then(|((a, ta), (b, tb))| {
-                let span = tb.duration_since(ta).as_secs_f64();
+            .filter(|_| ready > 0)
+            .and_then(|(a, b)| {
+                // Each counter was read somewhere inside its request: take
+                // the middle, and count half of each read's time as error
+                // besides the counter's whole second per endpoint.
+                let span = b.mid.duration_since(a.mid).as_secs_f64();
+                let unsure = cpu_urls.len() as f64 + (a.took + b.took).as_secs_f64() / 2.0;
                 (span > 0.0).then(|| MetricsCpu {
-                    percent: (b - a).max(0.0) / span * 100.0,
-                    resolution_percent: cpu_urls.len() as f64 / span * 100.0,
+                    percent: (b.seconds - a.seconds).max(0.0) / span * 100.0,
+                    resolution_percent: unsure / span * 100.0,
                     endpoints: cpu_urls.len(),
                 })
             }),
@@ -517,13 +560,20 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     if !closed_ok {
         p.push("connections did not close in time".into());
     }
-    let unread =
-        |m: &Memory| m.source == Some("metrics") && (m.joined.is_none() || m.end.is_none());
+    // A figure asked for and not read is a failed run, never a missing
+    // line (see the messages above for why).
+    let unread = |m: &Memory| {
+        m.source == Some("metrics") && (m.before.is_none() || m.joined.is_none() || m.end.is_none())
+    };
     if unread(&r.gateway_memory) || unread(&r.node_memory) {
-        p.push("memory could not be read from /metrics (see the messages above)".into());
+        p.push("memory could not be read from /metrics".into());
     }
-    if !cpu_urls.is_empty() && r.metrics_cpu.is_none() {
-        p.push("CPU could not be read from /metrics (see the messages above)".into());
+    if ready > 0 && !cpu_urls.is_empty() && r.metrics_cpu.is_none() {
+        p.push("CPU could not be read from /metrics".into());
+    }
+    let gateways = !cfg.gateway_metrics.is_empty();
+    if gateways && (r.prior_connects.is_none() || (ready > 0 && r.gateway_connections.is_none())) {
+        p.push("the gateways' connection counts could not be read from /metrics".into());
     }
     r.correct = r.problems.is_empty();
     Ok(r)

@@ -59,25 +59,34 @@ pub enum ScrapeError {
 
 /// Host (with port) and path of an `http://` URL.
 fn split_url(url: &str) -> Result<(String, String), ScrapeError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ScrapeError::Url(url.to_string()))?;
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
+    let bad = || ScrapeError::Url(url.to_string());
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (host, path) = match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => (&rest[..i], &rest[i..]),
+        Some(i) => (&rest[..i], "/metrics"),
         None => (rest, "/metrics"),
     };
     if host.is_empty() {
-        return Err(ScrapeError::Url(url.to_string()));
+        return Err(bad());
     }
-    Ok((crate::config::with_port(host, 80), path.to_string()))
+    let host = crate::config::with_port(host, 80).map_err(|_| bad())?;
+    Ok((host, path.trim_end_matches('?').to_string()))
 }
 
-/// Checks that `url` is one [`get`] can read, before a run starts.
+/// Checks that `url` is one [`get`] can read, before a run starts, and
+/// returns the endpoint it names (host and port in lower case, the path),
+/// so two spellings of one endpoint compare equal.
 ///
 /// # Errors
 /// [`ScrapeError::Url`].
-pub fn check_url(url: &str) -> Result<(), ScrapeError> {
-    split_url(url).map(|_| ())
+pub fn endpoint(url: &str) -> Result<String, ScrapeError> {
+    if url.is_empty() {
+        return Err(ScrapeError::Url(
+            "an empty metrics URL (a trailing comma?)".into(),
+        ));
+    }
+    let (host, path) = split_url(url)?;
+    Ok(format!("{}{path}", host.to_ascii_lowercase()))
 }
 
 /// The body of `GET url`.
@@ -123,36 +132,57 @@ async fn get_inner(url: &str) -> Result<String, ScrapeError> {
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(http(format!("answered {status:?}")));
     }
-    if head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    }) {
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         return Err(http("chunked answer to an HTTP/1.0 request".into()));
+    }
+    let body_bytes = raw.len() - (head.len() + 4);
+    if let Some(len) = header("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| http(format!("bad Content-Length {len:?}")))?;
+        if body_bytes < len {
+            return Err(http(format!(
+                "answer cut short: {body_bytes} of {len} bytes"
+            )));
+        }
     }
     Ok(body.to_string())
 }
 
 /// The sum of every sample of metric `name` (all label sets) in a
-/// Prometheus text exposition, `None` when it has none.
+/// Prometheus text exposition, `None` when it has none, or when a sample
+/// is not a finite number ≥ 0 or a series appears twice: every metric read
+/// here is a size, a count or a time, and a sum over a broken exposition
+/// would be a wrong figure that looks right.
 pub fn sum_metric(text: &str, name: &str) -> Option<f64> {
     let mut total = None;
+    let mut seen = std::collections::HashSet::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
             continue;
         };
         // The name must end here: `foo` must not match `foo_bar`.
-        let rest = match rest.as_bytes().first() {
-            Some(b'{') => after_labels(rest),
-            Some(b' ' | b'\t') => rest,
+        let (labels, rest) = match rest.as_bytes().first() {
+            Some(b'{') => {
+                let after = after_labels(rest);
+                (&rest[..rest.len() - after.len()], after)
+            }
+            Some(b' ' | b'\t') => ("", rest),
             _ => continue,
         };
-        if let Some(v) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *total.get_or_insert(0.0) += v;
+        let v = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+        if !v.is_finite() || v < 0.0 || !seen.insert(labels) {
+            return None;
         }
+        *total.get_or_insert(0.0) += v;
     }
     total
 }
@@ -184,7 +214,7 @@ pub async fn sum_over(urls: &[String], name: &str) -> Option<f64> {
             Ok(body) => match sum_metric(&body, name) {
                 Some(v) => total += v,
                 None => {
-                    eprintln!("chat-load: {url} has no {name}");
+                    eprintln!("chat-load: {url} has no valid {name}");
                     return None;
                 }
             },
@@ -216,6 +246,15 @@ mod tests {
         );
         assert_eq!(sum_metric(text, "chat_gateway_frames_out"), None);
         assert_eq!(sum_metric(text, CPU_SECONDS), None);
+        for broken in [
+            "process_cpu_seconds_total NaN\n",
+            "process_cpu_seconds_total +Inf\n",
+            "process_cpu_seconds_total -3\n",
+            "process_cpu_seconds_total 3\nprocess_cpu_seconds_total 3\n",
+            "process_cpu_seconds_total x\n",
+        ] {
+            assert_eq!(sum_metric(broken, CPU_SECONDS), None, "{broken}");
+        }
     }
 
     #[test]
@@ -231,6 +270,22 @@ mod tests {
         assert!(split_url("https://gw/metrics").is_err());
         assert!(split_url("gw:8080/metrics").is_err());
         assert!(split_url("http:///metrics").is_err());
+        assert!(split_url("http://gw:99999/metrics").is_err());
+        assert!(split_url("http://gw:/metrics").is_err());
+        // Spellings of one endpoint compare equal.
+        let one = endpoint("http://GW:80/metrics").unwrap();
+        for other in [
+            "http://gw/metrics",
+            "http://gw",
+            "http://gw/metrics?",
+            "http://gw?",
+        ] {
+            assert_eq!(endpoint(other).unwrap(), one, "{other}");
+        }
+        assert!(endpoint("")
+            .unwrap_err()
+            .to_string()
+            .contains("trailing comma"));
     }
 
     #[tokio::test]
@@ -241,6 +296,7 @@ mod tests {
             for answer in [
                 "HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nprocess_cpu_seconds_total 7\n",
                 "HTTP/1.0 404 Not Found\r\n\r\nno",
+                "HTTP/1.0 200 OK\r\nContent-Length: 90\r\n\r\nprocess_cpu_seconds_total 7\n",
             ] {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 1024];
@@ -254,6 +310,8 @@ mod tests {
         assert_eq!(sum_metric(&body, CPU_SECONDS), Some(7.0));
         let err = get(&url).await.unwrap_err();
         assert!(err.to_string().contains("404"), "{err}");
+        let err = get(&url).await.unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
         server.await.unwrap();
     }
 }

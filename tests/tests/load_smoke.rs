@@ -186,6 +186,13 @@ async fn load_reads_server_figures_from_metrics() -> anyhow::Result<()> {
         err.to_string().contains("process_resident_memory_bytes"),
         "{err}"
     );
+    // One endpoint spelled twice would count its process twice.
+    let twice = format!("--node-metrics=http://{gw}");
+    let err = run_at(&urls, &["idle", "--conns=2", &gw_metrics, &twice])
+        .await
+        .expect_err("the same endpoint twice");
+    anyhow::ensure!(err.to_string().contains("given twice"), "{err}");
+    anyhow::ensure!(r.auth == "dev", "auth {}", r.auth);
     Ok(())
 }
 
@@ -209,7 +216,7 @@ async fn load_signs_tokens_with_a_private_key() -> anyhow::Result<()> {
     )
     .await?;
     anyhow::ensure!(
-        r.acked > 0 && r.delivered == r.acked * 20,
+        r.acked > 0 && r.delivered == r.acked * 20 && r.auth == "ES256",
         "{}",
         r.summary()
     );

@@ -267,6 +267,20 @@ impl LoadConfig {
         if self.urls.is_empty() {
             return Err(Error::Config("--url is empty".into()));
         }
+        if self.scenario != Scenario::Idle {
+            if self.senders_per_room() == 0 {
+                return Err(Error::Config(format!(
+                    "--senders 0: {:?} would send nothing (the idle scenario measures \
+                     connections alone)",
+                    self.scenario
+                )));
+            }
+            if self.duration == 0 {
+                return Err(Error::Config(
+                    "--duration 0: nothing would be measured".into(),
+                ));
+            }
+        }
         for u in &self.urls {
             target(u)?;
         }
@@ -423,6 +437,18 @@ mod tests {
         let c = LoadConfig::parse_from(["chat-load", "idle", "--conns", "50"]);
         assert_eq!((c.room_count(), c.senders_per_room()), (5, 0));
         assert!(c.validate().is_ok());
+        let c = LoadConfig::parse_from(["chat-load", "rooms", "--conns", "50", "--senders", "0"]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--senders 0"));
+        let c = LoadConfig::parse_from(["chat-load", "fanout", "--duration", "0"]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--duration 0"));
         assert_eq!(
             target("ws://127.0.0.1:9/ws").unwrap().addr,
             "127.0.0.1:9".parse().unwrap()

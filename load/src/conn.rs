@@ -261,15 +261,22 @@ impl Conn {
             }
             // One attempt never outlasts the whole ramp-up's deadline.
             let limit = CONNECT_TIMEOUT.min(Duration::from_secs(cfg_timeout.max(1)));
-            let failure = match tokio::time::timeout(limit, self.try_connect()).await {
+            let (failure, again) = match tokio::time::timeout(limit, self.try_connect()).await {
                 Ok(Ok(ws)) => return Some(ws),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!(
-                    "no answer within {} s (TCP connect, upgrade and hello)",
-                    limit.as_secs()
+                Ok(Err(e)) => describe(&e),
+                Err(_) => (
+                    format!(
+                        "no answer within {} s (TCP connect, upgrade and hello)",
+                        limit.as_secs()
+                    ),
+                    true,
                 ),
             };
             self.connect_failed(failure);
+            if !again {
+                // The same request would get the same answer.
+                return None;
+            }
             let backoff = 100u64 << attempt.min(5);
             tokio::time::sleep(Duration::from_millis(backoff)).await;
             self.phase = *self.phase_rx.borrow();
@@ -602,4 +609,33 @@ async fn close(ws: &mut Ws) {
     let drain = async { while let Some(Ok(_)) = ws.next().await {} };
     // A server that never replies only costs the wait.
     let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
+}
+
+/// What a failed connect attempt says, and whether trying again can help:
+/// an HTTP answer other than 5xx (401, 403, 404: the credentials or the
+/// path) and a refused certificate would be the same on every try. An
+/// HTTP answer shows the start of its body (the gateway says why it
+/// refused) and where a redirect points.
+fn describe(e: &anyhow::Error) -> (String, bool) {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match e.downcast_ref::<WsError>() {
+        Some(WsError::Http(resp)) => {
+            let status = resp.status();
+            let mut text = format!("HTTP {status}");
+            if let Some(to) = resp.headers().get("location").and_then(|v| v.to_str().ok()) {
+                text.push_str(&format!(" to {to}"));
+            }
+            if let Some(body) = resp.body().as_deref().filter(|b| !b.is_empty()) {
+                let body = String::from_utf8_lossy(body);
+                let body: String = body.chars().take(120).collect();
+                text.push_str(&format!(": {}", body.trim()));
+            }
+            (text, status.is_server_error())
+        }
+        Some(WsError::Tls(t)) => (format!("TLS: {t}"), false),
+        Some(WsError::Io(io)) if io.to_string().contains("certificate") => {
+            (format!("TLS: {io}"), false)
+        }
+        _ => (e.to_string(), true),
+    }
 }

@@ -205,7 +205,8 @@ fn signing_key(
         let claims = serde_json::json!({ "sub": "chat-load", "exp": 1 });
         jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &key).map_err(|e| {
             Error::Config(format!(
-                "--jwt-key-file {}: cannot sign with it ({e}); it must be the private key",
+                "--jwt-key-file {}: cannot sign with it ({e}); it must be a private key, \
+                 RSA or EC on the P-256 curve",
                 path.display()
             ))
         })?;

@@ -234,10 +234,19 @@ async fn load_signs_tokens_with_a_private_key() -> anyhow::Result<()> {
     ])?;
     let r = chat_load::run(cfg).await?;
     anyhow::ensure!(!r.correct && r.connected == 0, "{}", r.summary());
+    // The gateway's reason is kept, and a refusal is not retried: the
+    // same request would be refused again.
     anyhow::ensure!(
-        r.connect_failures.keys().any(|k| k.contains("401")),
+        r.connect_failures
+            .keys()
+            .any(|k| k.contains("401") && k.contains("missing credentials")),
         "{:?}",
         r.connect_failures
+    );
+    anyhow::ensure!(
+        r.connect_errors == 3,
+        "{} attempts for 3 connections",
+        r.connect_errors
     );
     anyhow::ensure!(
         r.problems.iter().any(|p| p.contains("phase was skipped")),

@@ -357,7 +357,7 @@ impl Conn {
         .await?;
         match ws.next().await {
             Some(Ok(Message::Text(t))) if t.as_str().contains("\"hello\"") => Ok(ws),
-            other => anyhow::bail!("expected hello, got {other:?}"),
+            other => anyhow::bail!("{}", no_hello(other)),
         }
     }
 
@@ -637,5 +637,59 @@ fn describe(e: &anyhow::Error) -> (String, bool) {
             (format!("TLS: {io}"), false)
         }
         _ => (e.to_string(), true),
+    }
+}
+
+/// Why a connection's first frame was not the gateway's hello, in words
+/// a user can act on (the raw frame's debug text is not).
+fn no_hello(first: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> String {
+    match first {
+        None => "the connection ended before the gateway's hello".to_string(),
+        Some(Err(e)) => format!("before the gateway's hello: {e}"),
+        Some(Ok(Message::Close(Some(f)))) => format!(
+            "closed before the hello: code {} {:?}",
+            u16::from(f.code),
+            f.reason.as_str()
+        ),
+        Some(Ok(Message::Close(None))) => "closed before the hello, no code".to_string(),
+        Some(Ok(Message::Text(t))) => format!(
+            "first frame is not the gateway's hello (not a chat gateway?): {:?}",
+            t.as_str().chars().take(120).collect::<String>()
+        ),
+        Some(Ok(other)) => format!(
+            "first frame is not the gateway's hello (not a chat gateway?): a {} frame",
+            match other {
+                Message::Binary(_) => "binary",
+                Message::Ping(_) => "ping",
+                Message::Pong(_) => "pong",
+                _ => "raw",
+            }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_hello_is_said_in_words() {
+        let closed = no_hello(Some(Ok(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(4008),
+            reason: "slow consumer".into(),
+        })))));
+        assert_eq!(
+            closed,
+            "closed before the hello: code 4008 \"slow consumer\""
+        );
+        let other = no_hello(Some(Ok(Message::text("HTTP/1.1 200 OK"))));
+        assert!(
+            other.contains("not the gateway's hello") && other.contains("HTTP/1.1"),
+            "{other}"
+        );
+        assert!(no_hello(None).contains("ended before"));
     }
 }

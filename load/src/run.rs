@@ -172,9 +172,9 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientCon
         let bad =
             |e: &dyn std::fmt::Display| Error::Config(format!("--ca-file {}: {e}", path.display()));
         let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| bad(&e))?
+            .map_err(|e| bad(&pem_error(&e)))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?;
+            .map_err(|e| bad(&pem_error(&e)))?;
         if certs.is_empty() {
             return Err(bad(&"no certificate in it"));
         }
@@ -189,6 +189,33 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientCon
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// A PEM error in words: the library's own text shows marker lines as
+/// raw byte arrays.
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as Pem;
+    let text = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .trim()
+            .chars()
+            .take(80)
+            .collect::<String>()
+    };
+    match e {
+        Pem::MissingSectionEnd { end_marker } => {
+            format!(
+                "not valid PEM: no \"-----END {}-----\" line after its BEGIN line",
+                text(end_marker)
+            )
+        }
+        Pem::IllegalSectionStart { line } => {
+            format!("not valid PEM: bad BEGIN line {:?}", text(line))
+        }
+        Pem::Base64Decode(m) => format!("not valid PEM: a certificate is not base64 ({m})"),
+        Pem::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// The key every connection signs its token with: HS256 from
@@ -243,6 +270,32 @@ fn key_from_file(
         })
 }
 
+/// Binds the first and the last source address the connections will use,
+/// so that an address not on this host (a wrong `--source-base`) is
+/// refused before the run instead of failing every connection.
+fn check_sources(cfg: &LoadConfig, targets: &[crate::config::Target]) -> Result<(), Error> {
+    let groups = cfg.conns.div_ceil(cfg.conns_per_source.max(1)).max(1);
+    for t in targets {
+        for k in [0, groups - 1] {
+            let Some(src) = crate::config::source_for(cfg.source_base, t.addr, k) else {
+                continue;
+            };
+            if let Err(e) = std::net::UdpSocket::bind((src, 0)) {
+                return Err(Error::Config(format!(
+                    "source address {src} ({} connection group {} of {groups}): {e}; \
+                     --source-base must name addresses on an interface of this host",
+                    cfg.source_base.map_or_else(
+                        || "loopback walk".to_string(),
+                        |b| format!("--source-base {b},")
+                    ),
+                    k + 1,
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs a load scenario against the gateways in `cfg` and reports what it
 /// measured. Does not fail on a wrong result: the report says what was
 /// wrong ([`Report::problems`]).
@@ -276,6 +329,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     } else {
         None
     };
+    check_sources(&cfg, &targets)?;
     if let Some(dir) = &cfg.out {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Config(format!("--out {}: {e}", dir.display())))?;
@@ -700,5 +754,47 @@ mod tests {
         assert!(err.to_string().contains("missing.pem"), "{err}");
         let none = LoadConfig::from_args(["chat-load", "idle"]).unwrap();
         assert!(signing_key(&none).unwrap().is_none());
+    }
+
+    #[test]
+    fn source_addresses_not_on_this_host_are_refused_before_the_run() {
+        let cfg = |args: &[&str]| {
+            let mut a = vec!["chat-load", "idle", "--conns", "600"];
+            a.extend_from_slice(args);
+            LoadConfig::from_args(a).unwrap()
+        };
+        let loopback = [target("ws://127.0.0.1:9/ws").unwrap()];
+        check_sources(&cfg(&[]), &loopback).unwrap();
+        check_sources(&cfg(&["--source-base", "127.0.5.1"]), &loopback).unwrap();
+        // 192.0.2.0/24 is reserved for documentation: on no interface.
+        let remote = [target("ws://192.0.2.1:9/ws").unwrap()];
+        check_sources(&cfg(&[]), &remote).unwrap();
+        let err = check_sources(&cfg(&["--source-base", "192.0.2.77"]), &remote).unwrap_err();
+        assert!(err.to_string().contains("192.0.2.77"), "{err}");
+    }
+
+    #[test]
+    fn a_broken_ca_file_is_named_in_words() {
+        let dir = std::env::temp_dir().join(format!("chat-load-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases = [
+            (
+                "-----BEGIN CERTIFICATE-----\nMIIB\n",
+                "-----END CERTIFICATE-----",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+                "not base64",
+            ),
+            ("just text\n", "no certificate"),
+        ];
+        for (i, (pem, expect)) in cases.into_iter().enumerate() {
+            let path = dir.join(format!("{i}.pem"));
+            std::fs::write(&path, pem).unwrap();
+            let err = tls_config(Some(&path)).unwrap_err().to_string();
+            assert!(err.contains(expect), "case {i}: {err}");
+            assert!(!err.contains("[45, 45"), "case {i} shows raw bytes: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -281,6 +281,37 @@ impl LoadConfig {
                 ));
             }
         }
+        if self.scenario == Scenario::Churn
+            && self.conns / self.room_count() <= self.senders_per_room()
+        {
+            return Err(Error::Config(format!(
+                "churn: every member of a room is a sender ({} per room), so nobody would \
+                 disconnect and resume; give more --conns per room or fewer --senders",
+                self.conns / self.room_count()
+            )));
+        }
+        if let Some(s) = self.jwt_secret.as_ref().filter(|s| !s.is_empty()) {
+            if s.len() < 16 && self.jwt_key_file.is_none() {
+                return Err(Error::Config(format!(
+                    "--jwt-secret is {} bytes: gateways refuse secrets under 16 bytes, so no \
+                     gateway can check tokens signed with it",
+                    s.len()
+                )));
+            }
+        }
+        for pid in self
+            .gateway_pids
+            .iter()
+            .chain(&self.node_pids)
+            .chain(&self.server_pids)
+        {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(Error::Config(format!(
+                    "process {pid} (--gateway-pid/--node-pid/--server-pid) is not running on \
+                     this host"
+                )));
+            }
+        }
         for u in &self.urls {
             target(u)?;
         }
@@ -449,6 +480,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--duration 0"));
+        let refused = |args: &[&str], why: &str| {
+            let mut a = vec!["chat-load"];
+            a.extend_from_slice(args);
+            let err = LoadConfig::parse_from(a)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{args:?}: {err}");
+        };
+        refused(&["churn", "--conns", "10", "--rooms", "10"], "nobody would");
+        refused(&["idle", "--jwt-secret", "short"], "16 bytes");
+        refused(&["idle", "--gateway-pid", "4294967295"], "not running");
+        let me = std::process::id().to_string();
+        let ok = LoadConfig::parse_from(["chat-load", "churn", "--conns", "20", "--rooms", "10"]);
+        assert!(ok.validate().is_ok());
+        let ok = LoadConfig::parse_from(["chat-load", "idle", "--server-pid", &me]);
+        assert!(ok.validate().is_ok());
         assert_eq!(
             target("ws://127.0.0.1:9/ws").unwrap().addr,
             "127.0.0.1:9".parse().unwrap()

@@ -626,9 +626,20 @@ fn describe(e: &anyhow::Error) -> (String, bool) {
                 text.push_str(&format!(" to {to}"));
             }
             if let Some(body) = resp.body().as_deref().filter(|b| !b.is_empty()) {
+                // One line: an HTML page's newlines and indents would
+                // spread one reason over dozens of lines.
                 let body = String::from_utf8_lossy(body);
-                let body: String = body.chars().take(120).collect();
-                text.push_str(&format!(": {}", body.trim()));
+                let body: String = body
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(120)
+                    .collect();
+                text.push_str(&format!(": {body}"));
+            }
+            if status.is_success() {
+                text.push_str(" (an answer, not an upgrade: is the path the gateway's /ws?)");
             }
             (text, status.is_server_error())
         }
@@ -636,6 +647,11 @@ fn describe(e: &anyhow::Error) -> (String, bool) {
         Some(WsError::Io(io)) if io.to_string().contains("certificate") => {
             (format!("TLS: {io}"), false)
         }
+        // rustls reading a plain HTTP answer as a TLS record.
+        Some(WsError::Io(io)) if io.to_string().contains("InvalidContentType") => (
+            format!("TLS: {io} (the server does not speak TLS here: ws:// instead of wss://?)"),
+            false,
+        ),
         _ => (e.to_string(), true),
     }
 }
@@ -691,5 +707,28 @@ mod tests {
             "{other}"
         );
         assert!(no_hello(None).contains("ended before"));
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_and_a_page_says_where_the_endpoint_is() {
+        use tokio_tungstenite::tungstenite::{http, Error as WsError};
+        let page = http::Response::builder()
+            .status(200)
+            .body(Some(b"<!doctype html>\n<html>\n  <head>".to_vec()))
+            .unwrap();
+        let (text, retry) = describe(&anyhow::Error::new(WsError::Http(Box::new(page))));
+        assert_eq!(
+            text,
+            "HTTP 200 OK: <!doctype html> <html> <head> (an answer, not an upgrade: is the \
+             path the gateway's /ws?)"
+        );
+        assert!(!retry);
+        let full = http::Response::builder()
+            .status(503)
+            .body(Some(b"draining".to_vec()))
+            .unwrap();
+        let (text, retry) = describe(&anyhow::Error::new(WsError::Http(Box::new(full))));
+        assert_eq!(text, "HTTP 503 Service Unavailable: draining");
+        assert!(retry);
     }
 }

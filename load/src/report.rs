@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::config::LoadConfig;
+use crate::config::{LoadConfig, Scenario};
 use crate::Error;
 
 /// Send→receive latency percentiles, in milliseconds.
@@ -242,17 +242,25 @@ impl Report {
         let c = &self.config;
         let mut s = String::new();
         // Writing to a String cannot fail.
-        let _ = writeln!(
-            s,
-            "chat-load {:?}: {} connections in {} room(s), {} sender(s) per room, {} msgs/s per room, {}-byte messages, {:.1} s measured",
-            c.scenario,
-            self.conns,
-            self.rooms,
-            self.senders_per_room,
-            if c.rate > 0.0 { format!("{}", c.rate) } else { "max".into() },
-            c.message_bytes,
-            self.duration_secs
-        );
+        if c.scenario == Scenario::Idle {
+            let _ = writeln!(
+                s,
+                "chat-load {:?}: {} connections in {} room(s), pings only, {:.1} s measured",
+                c.scenario, self.conns, self.rooms, self.duration_secs
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "chat-load {:?}: {} connections in {} room(s), {} sender(s) per room, {} msgs/s per room, {}-byte messages, {:.1} s measured",
+                c.scenario,
+                self.conns,
+                self.rooms,
+                self.senders_per_room,
+                if c.rate > 0.0 { format!("{}", c.rate) } else { "max".into() },
+                c.message_bytes,
+                self.duration_secs
+            );
+        }
         if !c.server_settings.is_empty() {
             let _ = writeln!(s, "server settings: {}", c.server_settings.join(" "));
         }
@@ -289,6 +297,14 @@ impl Report {
         memory_line(&mut s, "gateway RSS", &self.gateway_memory);
         memory_line(&mut s, "room node RSS", &self.node_memory);
         memory_line(&mut s, "tool RSS", &self.tool_memory);
+        if self.gateway_memory.joined.is_none() {
+            let _ = writeln!(
+                s,
+                "{:<15}gateway memory not measured: give --gateway-pid (same host) or \
+                 --gateway-metrics",
+                "note"
+            );
+        }
         if let Some(cpu) = self.server_cpu_percent {
             let _ = writeln!(s, "{:<15}{cpu:.1}% of one core", "server CPU");
         }

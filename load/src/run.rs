@@ -327,6 +327,12 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, Error> {
     let tls = if targets.iter().any(|t| t.tls) {
         Some(tls_config(cfg.ca_file.as_deref())?)
     } else {
+        if cfg.ca_file.is_some() {
+            // Still read, so a wrong file shows now rather than when a
+            // wss:// URL is added.
+            tls_config(cfg.ca_file.as_deref())?;
+            eprintln!("chat-load: warning: --ca-file is used only for wss:// URLs; every --url here is ws://");
+        }
         None
     };
     check_sources(&cfg, &targets)?;

@@ -405,7 +405,7 @@ fn draw(r: &Report, path: &Path) -> DrawResult {
         .fold(1.0, f64::max)
         * 1.1;
     let title = format!(
-        "chat-load {:?}: {} conns, {} rooms",
+        "chat-load {:?}: {} conns, {} room(s)",
         r.config.scenario, r.conns, r.rooms
     );
     let mut chart = ChartBuilder::on(&top)

@@ -655,6 +655,13 @@ async fn progress(shared: Arc<Shared>, timeline: Arc<Mutex<Vec<Sample>>>) {
         last_t = Instant::now();
         let interval = Latency::from_hist(&stats.take_interval());
         let phase = match *shared.phase.borrow() {
+            // Everyone is in: the pause before sending (`--settle`).
+            Phase::Connecting
+                if Stats::get(&stats.ready) + Stats::get(&stats.failed)
+                    >= shared.cfg.conns as u64 =>
+            {
+                "settling"
+            }
             Phase::Connecting => "connecting",
             Phase::Running => "running",
             Phase::Stopping => "stopping",

@@ -215,6 +215,10 @@ pub struct Report {
     pub correct: bool,
 }
 
+/// Headroom above the highest point of a chart, so that the legend in its
+/// upper corner covers no line.
+const LEGEND_ROOM: f64 = 1.4;
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
@@ -403,7 +407,7 @@ fn draw(r: &Report, path: &Path) -> DrawResult {
         .iter()
         .map(|p| p.delivered_per_sec.max(p.acked_per_sec))
         .fold(1.0, f64::max)
-        * 1.1;
+        * LEGEND_ROOM;
     let title = format!(
         "chat-load {:?}: {} conns, {} room(s)",
         r.config.scenario, r.conns, r.rooms
@@ -435,11 +439,12 @@ fn draw(r: &Report, path: &Path) -> DrawResult {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
 
-    let lat_max = pts.iter().map(|p| p.p99_ms).fold(1.0, f64::max) * 1.1;
+    let lat_max = pts.iter().map(|p| p.p99_ms).fold(1.0, f64::max) * LEGEND_ROOM;
     let mut chart = ChartBuilder::on(&bottom)
         .caption("send → receive latency (per second)", ("sans-serif", 22))
         .margin(12)
@@ -468,6 +473,7 @@ fn draw(r: &Report, path: &Path) -> DrawResult {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA));
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;

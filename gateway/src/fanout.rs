@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::bus::{Event, NodeRequest, ReplyHead};
+use chat_protocol::bus::{Event, NodeRequest, PresenceMark, ReplyHead};
 use chat_protocol::subjects::Subjects;
 use chat_protocol::{ErrorCode, NodeId, RoomId, ServerFrame, UserId};
 use chat_room_node::bus::{Bus, BusMessage};
@@ -40,6 +40,10 @@ const MAX_AHEAD: usize = 10_000;
 const PAGE: u32 = 500;
 /// How long the owner may be known to be ahead before we fetch the tail.
 const TAIL_CHECK: Duration = Duration::from_millis(500);
+/// Presence changes kept for one member while its join is in flight; past
+/// it, later ones are not kept (a room with that much coming and going
+/// while one join is answered; `joined.members` stays authoritative).
+const MAX_EARLY_PRESENCE: usize = 256;
 
 /// Why a join failed, as an error frame for the client.
 pub type JoinResult = Result<(), ServerFrame>;
@@ -71,6 +75,9 @@ enum Cmd {
     Caught {
         conn: u64,
         upto: u64,
+        /// The presence change the owner's `joined` counted up to (first
+        /// `Caught` of a join only).
+        presence: Option<PresenceMark>,
     },
     JoinFailed {
         conn: u64,
@@ -345,6 +352,14 @@ struct Member {
     live: bool,
     /// Left while its join was still in flight: unregister once it lands.
     leaving: bool,
+    /// The last presence change its `joined` counted; `None` until the
+    /// owner answered, or from an owner without marks.
+    joined_mark: Option<PresenceMark>,
+    /// Marked presence changes that arrived before the member was live:
+    /// those later than `joined_mark` are delivered when it goes live (the
+    /// join's answer and the room's events travel apart, so a change just
+    /// after the answer may arrive first).
+    early: Vec<(PresenceMark, Payload)>,
 }
 
 struct RoomTask {
@@ -446,12 +461,24 @@ impl RoomTask {
                     }
                 }
             }
-            Ok(Event::Presence { user, frame }) => {
+            Ok(Event::Presence { user, frame, mark }) => {
                 if let Some(frame) = text(frame) {
                     // A user's own connections never hear of their own
                     // arrival (a quick reconnect would otherwise see it).
-                    for m in self.members.values().filter(|m| m.live && m.user != user) {
-                        m.conn.try_deliver(frame.clone(), FrameKind::Presence);
+                    for m in self.members.values_mut().filter(|m| m.user != user) {
+                        // A change its `joined` already counted (the room
+                        // task may take the join's answer first).
+                        let counted = mark.zip(m.joined_mark).is_some_and(|(e, j)| e <= j);
+                        if counted {
+                            continue;
+                        }
+                        if m.live {
+                            m.conn.try_deliver(frame.clone(), FrameKind::Presence);
+                        } else if let Some(mark) = mark {
+                            if m.early.len() < MAX_EARLY_PRESENCE {
+                                m.early.push((mark, frame.clone()));
+                            }
+                        }
                     }
                 }
             }
@@ -639,6 +666,8 @@ impl RoomTask {
                         cursor: 0,
                         live: false,
                         leaving: false,
+                        joined_mark: None,
+                        early: Vec::new(),
                     },
                 );
                 let Some(tx) = self.tx.upgrade() else { return };
@@ -671,7 +700,11 @@ impl RoomTask {
                     self.send_leave(m.user, conn);
                 }
             }
-            Cmd::Caught { conn, upto } => self.on_caught(conn, upto),
+            Cmd::Caught {
+                conn,
+                upto,
+                presence,
+            } => self.on_caught(conn, upto, presence),
             Cmd::Resync => self.resync(),
             Cmd::Reregistered { members } => {
                 for (conn, user) in members {
@@ -704,7 +737,7 @@ impl RoomTask {
         }
     }
 
-    fn on_caught(&mut self, conn: u64, upto: u64) {
+    fn on_caught(&mut self, conn: u64, upto: u64, presence: Option<PresenceMark>) {
         match self.members.get(&conn) {
             None => return,
             Some(m) if m.leaving => {
@@ -733,6 +766,9 @@ impl RoomTask {
         let first_in_ring = self.ring.front().map_or(delivered + 1, |(s, _)| *s);
         let m = self.members.get_mut(&conn).expect("checked above");
         m.cursor = m.cursor.max(upto);
+        if presence.is_some() {
+            m.joined_mark = presence;
+        }
         if m.cursor >= delivered || m.cursor + 1 >= first_in_ring {
             for (seq, frame) in &self.ring {
                 if *seq > m.cursor {
@@ -741,6 +777,13 @@ impl RoomTask {
                 }
             }
             m.live = true;
+            // What changed after the join's answer and arrived before it.
+            let early = std::mem::take(&mut m.early);
+            if let Some(joined) = m.joined_mark {
+                for (_, frame) in early.into_iter().filter(|(mark, _)| *mark > joined) {
+                    m.conn.try_deliver(frame, FrameKind::Presence);
+                }
+            }
         } else {
             // Too far behind for the ring: page the rest from the owner.
             let Some(tx) = self.tx.upgrade() else { return };
@@ -790,6 +833,7 @@ async fn join_task(
                 last_seq,
                 members,
                 complete,
+                presence,
             },
             frames,
         )) => {
@@ -800,7 +844,7 @@ async fn join_task(
                 since,
                 tx,
                 done,
-                (last_seq, members, complete),
+                (last_seq, members, complete, presence),
                 frames,
             )
             .await;
@@ -841,7 +885,7 @@ async fn joined(
     since: Option<u64>,
     tx: mpsc::Sender<Cmd>,
     done: oneshot::Sender<JoinResult>,
-    (last_seq, members, complete): (u64, u64, bool),
+    (last_seq, members, complete, presence): (u64, u64, bool, Option<PresenceMark>),
     frames: Vec<Bytes>,
 ) {
     let id = conn.id;
@@ -889,6 +933,7 @@ async fn joined(
         .send(Cmd::Caught {
             conn: id,
             upto: last_seq,
+            presence,
         })
         .await;
 }
@@ -951,6 +996,7 @@ async fn backfill_task(
             .send(Cmd::Caught {
                 conn: conn.id,
                 upto,
+                presence: None,
             })
             .await;
     }

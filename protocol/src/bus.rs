@@ -176,6 +176,20 @@ pub struct ForwardedSend {
     pub reply: Option<String>,
 }
 
+/// Where a presence change stands among its room's presence changes: the
+/// lease epoch of the owner that announced it, then its count within that
+/// epoch (each new owner takes a higher epoch). A gateway compares the mark
+/// of a change that reached it while a member's join was in flight with the
+/// mark of the join's answer: a later change is not yet in the answer's
+/// `members` and must still reach the member; an earlier one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PresenceMark {
+    /// The owner's lease epoch.
+    pub epoch: u64,
+    /// Presence changes the owner announced in that epoch, this one included.
+    pub n: u64,
+}
+
 /// The metadata line of a reply from a room node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "r", rename_all = "snake_case")]
@@ -189,6 +203,10 @@ pub enum ReplyHead {
         /// Whether the frames reach `last_seq`; when false, fetch the rest
         /// with `History { after }`.
         complete: bool,
+        /// The last presence change that `members` counts (absent from
+        /// member shards and from releases before marks).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        presence: Option<PresenceMark>,
     },
     /// Leave done.
     Left,
@@ -468,6 +486,9 @@ pub enum Event {
         user: UserId,
         /// The `presence` frame.
         frame: Bytes,
+        /// Its place among the room's presence changes; sent only while
+        /// every live gateway reads it ([`NodeHeartbeat::presence_marks`]).
+        mark: Option<PresenceMark>,
     },
 }
 
@@ -504,9 +525,13 @@ impl Event {
                 out.put_slice(b"a\n");
                 out.put_slice(frame);
             }
-            Self::Presence { user, frame } => {
-                out.reserve(frame.len() + user.as_str().len() + 3);
-                out.put_slice(b"p ");
+            Self::Presence { user, frame, mark } => {
+                out.reserve(frame.len() + user.as_str().len() + 48);
+                if let Some(m) = mark {
+                    out.put_slice(format!("P {} {} ", m.epoch, m.n).as_bytes());
+                } else {
+                    out.put_slice(b"p ");
+                }
                 out.put_slice(user.as_str().as_bytes());
                 out.put_u8(b'\n');
                 out.put_slice(frame);
@@ -541,7 +566,29 @@ impl Event {
                     .ok()
                     .and_then(|u| UserId::new(u).ok())
                     .ok_or(DecodeError::Framing)?;
-                Ok(Self::Presence { user, frame })
+                Ok(Self::Presence {
+                    user,
+                    frame,
+                    mark: None,
+                })
+            }
+            [b'P', b' ', rest @ ..] => {
+                // `<epoch> <n> <user>`: the numbers hold no space, a user may.
+                let rest = std::str::from_utf8(rest).map_err(|_| DecodeError::Framing)?;
+                let mut parts = rest.splitn(3, ' ');
+                let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+                let (Some(epoch), Some(n)) = (number(), number()) else {
+                    return Err(DecodeError::Framing);
+                };
+                let user = parts
+                    .next()
+                    .and_then(|u| UserId::new(u).ok())
+                    .ok_or(DecodeError::Framing)?;
+                Ok(Self::Presence {
+                    user,
+                    frame,
+                    mark: Some(PresenceMark { epoch, n }),
+                })
             }
             [b'M', b' ', digits @ ..] => {
                 let first = std::str::from_utf8(digits)
@@ -584,6 +631,11 @@ pub struct NodeHeartbeat {
     /// while such a process runs, so a rolling upgrade mixes both.
     #[serde(default)]
     pub batches: bool,
+    /// Reads presence events with a [`PresenceMark`] (gateways). Absent, so
+    /// false, in releases before marks: room nodes send unmarked presence
+    /// while such a gateway runs, so a rolling upgrade mixes both.
+    #[serde(default)]
+    pub presence_marks: bool,
 }
 
 #[cfg(test)]
@@ -649,6 +701,41 @@ mod tests {
     }
 
     #[test]
+    fn joined_carries_a_presence_mark_both_releases_read() {
+        let head = ReplyHead::Joined {
+            last_seq: 5,
+            members: 2,
+            complete: true,
+            presence: Some(PresenceMark { epoch: 4, n: 9 }),
+        };
+        let (h, _) = decode_reply(&encode_reply(&head, &[])).unwrap();
+        assert_eq!(h, head);
+        // From a node before marks: no mark.
+        let old = r#"{"r":"joined","last_seq":5,"members":2,"complete":true}"#;
+        let h: ReplyHead = serde_json::from_str(old).unwrap();
+        assert!(
+            matches!(h, ReplyHead::Joined { presence: None, .. }),
+            "{h:?}"
+        );
+        // Read by a gateway before marks: the field is ignored.
+        #[derive(Deserialize)]
+        #[serde(tag = "r", rename_all = "snake_case")]
+        enum OldHead {
+            Joined {
+                last_seq: u64,
+                members: u64,
+                complete: bool,
+            },
+        }
+        let OldHead::Joined {
+            last_seq,
+            members,
+            complete,
+        } = serde_json::from_str(&serde_json::to_string(&head).unwrap()).unwrap();
+        assert_eq!((last_seq, members, complete), (5, 2, true));
+    }
+
+    #[test]
     fn event_round_trip() {
         let e = Event::Message {
             seq: 42,
@@ -658,8 +745,20 @@ mod tests {
         let p = Event::Presence {
             user: UserId::new("zoë k").unwrap(),
             frame: Bytes::from_static(b"{\"x\":1}"),
+            mark: None,
         };
         assert_eq!(Event::decode(&p.encode()).unwrap(), p);
+        assert!(p.encode().starts_with(b"p zo"), "unmarked: as before marks");
+        let marked = Event::Presence {
+            user: UserId::new("zoë k 7").unwrap(),
+            frame: Bytes::from_static(b"{\"x\":1}"),
+            mark: Some(PresenceMark { epoch: 3, n: 17 }),
+        };
+        assert_eq!(Event::decode(&marked.encode()).unwrap(), marked);
+        for bad in ["P 3 x zoë\n{}", "P 3\n{}", "P  17 zoë\n{}"] {
+            assert!(Event::decode(&Bytes::from(bad)).is_err(), "{bad}");
+        }
+        assert!(PresenceMark { epoch: 2, n: 90 } < PresenceMark { epoch: 3, n: 1 });
         assert_eq!(
             Event::decode(&Event::Resync.encode()).unwrap(),
             Event::Resync

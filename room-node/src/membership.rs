@@ -74,10 +74,14 @@ impl Liveness {
                 if !s.hb.batches {
                     live.unbatched.push(s.hb.node.clone());
                 }
+                if !s.hb.presence_marks {
+                    live.unmarked.push(s.hb.node.clone());
+                }
             }
         }
         live.ids.sort();
         live.unbatched.sort();
+        live.unmarked.sort();
         live
     }
 }
@@ -90,6 +94,10 @@ pub struct Live {
     /// Those of a release without batches (see [`NodeHeartbeat::batches`]),
     /// sorted: peers send them single requests and events.
     pub unbatched: Vec<NodeId>,
+    /// Those of a release before presence marks (see
+    /// [`NodeHeartbeat::presence_marks`]), sorted: room nodes send them
+    /// unmarked presence.
+    pub unmarked: Vec<NodeId>,
 }
 
 /// Watches the nodes bucket and keeps a [`Placement`] of the live,
@@ -251,6 +259,7 @@ pub async fn heartbeat(
             draining: *draining.borrow(),
             ts_ms: now_ms(),
             batches: true,
+            presence_marks: true,
         };
         let payload = Bytes::from(serde_json::to_vec(&hb).expect("heartbeats serialise"));
         if let Err(e) = bus.kv_put(&bucket, node.as_str(), payload).await {
@@ -276,6 +285,7 @@ mod tests {
                 draining,
                 ts_ms: ts,
                 batches: node != "legacy",
+                presence_marks: node != "legacy",
             })
             .unwrap(),
         )
@@ -293,10 +303,11 @@ mod tests {
         // As a release before batches writes it: no `batches` field.
         let old = br#"{"node":"b","instance":"i","draining":false,"ts_ms":0}"#;
         let old = serde_json::from_slice::<NodeHeartbeat>(old).unwrap();
-        assert!(!old.batches);
+        assert!(!old.batches && !old.presence_marks);
         let live = l.live(t0);
         assert_eq!(live.ids.len(), 2);
         assert_eq!(live.unbatched, vec![NodeId::new("legacy").unwrap()]);
+        assert_eq!(live.unmarked, vec![NodeId::new("legacy").unwrap()]);
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub async fn serve(
     .map_err(Error::Bus)?;
     let mut live_gateways: Vec<NodeId> = gateways.borrow_and_update().ids.clone();
     let multi_events = Arc::new(AtomicBool::new(gateways.borrow().unbatched.is_empty()));
+    let presence_marks = Arc::new(AtomicBool::new(gateways.borrow().unmarked.is_empty()));
     let mut inbox = bus
         .subscribe(settings.subjects.node_inbox(&me))
         .await
@@ -131,6 +132,7 @@ pub async fn serve(
         leases,
         lease_ttl,
         multi_events: multi_events.clone(),
+        presence_marks: presence_marks.clone(),
     };
     let rooms_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -200,10 +202,17 @@ pub async fn serve(
             }
             changed = gateways.changed() => {
                 if changed.is_err() { break; }
-                let (now, unbatched) = {
+                let (now, unbatched, unmarked) = {
                     let live = gateways.borrow_and_update();
-                    (live.ids.clone(), !live.unbatched.is_empty())
+                    (live.ids.clone(), !live.unbatched.is_empty(), !live.unmarked.is_empty())
                 };
+                if presence_marks.swap(!unmarked, Ordering::Relaxed) == unmarked {
+                    tracing::info!(
+                        presence_marks = !unmarked,
+                        "gateways without presence marks {}",
+                        if unmarked { "are live: presence goes unmarked" } else { "are gone: presence is marked" }
+                    );
+                }
                 if multi_events.swap(!unbatched, Ordering::Relaxed) == unbatched {
                     tracing::info!(
                         multi_events = !unbatched,

@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::bus::{Event, NodeRequest, ReplyHead, MAX_REPLY_BYTES};
+use chat_protocol::bus::{Event, NodeRequest, PresenceMark, ReplyHead, MAX_REPLY_BYTES};
 use chat_protocol::frames::{PresenceState, DEFAULT_BACKLOG, MAX_HISTORY_LIMIT};
 use chat_protocol::{ErrorCode, Message, NodeId, RoomId, ServerFrame, UserId};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -122,6 +122,10 @@ pub struct RoomDeps {
     /// ([`Event::Messages`]); while one of an older release runs, each
     /// message is its own event. Kept by the node from gateway heartbeats.
     pub multi_events: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether every live gateway reads presence marks
+    /// ([`chat_protocol::bus::PresenceMark`]); if not, presence goes
+    /// unmarked, as before marks.
+    pub presence_marks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A command for a room actor.
@@ -254,6 +258,9 @@ struct RoomActor {
     stopping: bool,
     /// Lease epoch this actor serves under (0 before it holds one).
     epoch: u64,
+    /// Presence changes announced under this epoch: with it, the mark of
+    /// the last one ([`Self::presence_mark`]).
+    presence_n: u64,
     /// Fires when the lease renewal finds another node took the room.
     lease_lost: CancellationToken,
     /// Another node owns the room now: nothing more is written.
@@ -366,6 +373,7 @@ impl RoomActor {
             buckets: FastMap::default(),
             stopping: false,
             epoch: 0,
+            presence_n: 0,
             lease_lost: CancellationToken::new(),
             fenced: false,
             processed: 0,
@@ -689,7 +697,8 @@ impl RoomActor {
             }
             NodeRequest::Backlog { since, .. } => {
                 let members = self.present();
-                self.answer_join(reply, since, false, members).await;
+                // A shard's backlog: presence there is the shard's own.
+                self.answer_join(reply, since, false, members, None).await;
             }
             NodeRequest::Count {
                 shard,
@@ -1233,7 +1242,9 @@ impl RoomActor {
             }
         }
         let members = self.present();
-        self.answer_join(reply, since, quiet, members).await;
+        let mark = self.presence_mark();
+        self.answer_join(reply, since, quiet, members, Some(mark))
+            .await;
         if self.user_conns.len() > self.deps.config.shard_threshold {
             let want = shards_for(self.user_conns.len(), self.deps.config.shard_threshold);
             self.split(want).await;
@@ -1257,13 +1268,15 @@ impl RoomActor {
     }
 
     /// Answers a join (or a shard's backlog request): `joined` with the
-    /// room's `last_seq` and `members`, and the backlog after `since`.
+    /// room's `last_seq` and `members` (as of presence change `presence`),
+    /// and the backlog after `since`.
     async fn answer_join(
         &mut self,
         reply: Option<Reply>,
         since: Option<u64>,
         quiet: bool,
         members: u64,
+        presence: Option<PresenceMark>,
     ) {
         let last = self.last_seq;
         if quiet {
@@ -1271,6 +1284,7 @@ impl RoomActor {
                 last_seq: last,
                 members,
                 complete: true,
+                presence,
             };
             self.reply(reply, &head, &[]).await;
             return;
@@ -1289,6 +1303,7 @@ impl RoomActor {
                 last_seq: last,
                 members,
                 complete,
+                presence,
             };
             self.reply(reply, &head, &frames).await;
             return;
@@ -1305,6 +1320,7 @@ impl RoomActor {
                     last_seq: last,
                     members,
                     complete,
+                    presence,
                 },
                 frames,
             )
@@ -1454,13 +1470,30 @@ impl RoomActor {
         }
     }
 
-    async fn presence(&self, user: UserId, state: PresenceState) {
+    /// The mark of the last presence change announced: what a `joined`
+    /// answered now counts.
+    fn presence_mark(&self) -> PresenceMark {
+        PresenceMark {
+            epoch: self.epoch,
+            n: self.presence_n,
+        }
+    }
+
+    async fn presence(&mut self, user: UserId, state: PresenceState) {
         let frame = ServerFrame::Presence {
             room: self.room.clone(),
             user: user.clone(),
             state,
         }
         .to_bytes();
+        // Counted whether or not the event carries it, so a mark is never
+        // reused within the epoch.
+        self.presence_n += 1;
+        let mark = self
+            .deps
+            .presence_marks
+            .load(Ordering::Relaxed)
+            .then(|| self.presence_mark());
         // Presence is best effort (not sequenced); a lost one is corrected
         // by the next join's member count.
         let _ = self
@@ -1468,7 +1501,7 @@ impl RoomActor {
             .bus
             .publish(
                 self.events_subject.clone(),
-                Event::Presence { user, frame }.encode(),
+                Event::Presence { user, frame, mark }.encode(),
             )
             .await;
     }

@@ -276,6 +276,7 @@ impl ShardActor {
                         last_seq: 0,
                         members: self.user_conns.len() as u64,
                         complete: true,
+                        presence: None,
                     };
                     self.answer(reply, &head).await;
                 } else if let Some(to) = reply {

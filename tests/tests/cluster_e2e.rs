@@ -333,3 +333,55 @@ async fn members_on_two_gateways_see_presence_and_the_same_messages() -> anyhow:
     ensure!(e["code"] == "not_joined" && e["ref"] == "b2", "{e}");
     Ok(())
 }
+
+/// Two users joining the same new room at the same moment: whichever is
+/// counted first must still hear of the other, however the join's answer
+/// and the other's presence event race each other to its gateway; and the
+/// one counted second, whose `joined` already counts the first, hears of
+/// the first no second time. Same gateway and two gateways, alternately.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_joining_at_once_hear_of_each_other_exactly_once() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder("cluster_join_race")
+        .gateways(2)
+        .room_nodes(1)
+        .start()
+        .await?;
+    for round in 0..12 {
+        let room = format!("race-{round}");
+        let mut ann = Client::connect(&cluster.ws_url(0, &format!("ann{round}"))).await?;
+        let mut bob = Client::connect(&cluster.ws_url(round % 2, &format!("bob{round}"))).await?;
+        let join = json!({"type": "join", "room": room});
+        let (a, b) = tokio::join!(ann.send_json(join.clone()), bob.send_json(join));
+        a?;
+        b?;
+        let ja = ann.recv_type(WAIT, "joined").await?;
+        let jb = bob.recv_type(WAIT, "joined").await?;
+        let (first, second, second_name) = match (ja["members"].as_u64(), jb["members"].as_u64()) {
+            (Some(1), Some(2)) => (&mut ann, &mut bob, format!("bob{round}")),
+            (Some(2), Some(1)) => (&mut bob, &mut ann, format!("ann{round}")),
+            other => bail!("round {round}: joined counts {other:?}: {ja} {jb}"),
+        };
+        let p = first.recv_type(WAIT, "presence").await.with_context(|| {
+            format!("round {round}: the user counted first never heard of {second_name}")
+        })?;
+        ensure!(
+            p["user"] == second_name.as_str() && p["state"] == "join",
+            "round {round}: {p}"
+        );
+        // The second is live once its own message comes back; no presence
+        // of the first may come before it (its `joined` counted the first).
+        second
+            .send_json(json!({"type": "send", "room": room, "text": "hi", "client_id": "c1"}))
+            .await?;
+        let m = second.recv_type(WAIT, "message").await?;
+        ensure!(m["text"] == "hi", "{m}");
+        ensure!(
+            !second.skipped.iter().any(|f| f["type"] == "presence"),
+            "round {round}: presence the joined count already held: {:?}",
+            second.skipped
+        );
+        ann.close().await?;
+        bob.close().await?;
+    }
+    Ok(())
+}

@@ -249,6 +249,8 @@ struct Harness {
     idle: mpsc::Receiver<(RoomId, u64)>,
     /// Seqs of a multi-message event not yet taken by `next_event`.
     seqs: std::collections::VecDeque<u64>,
+    /// Whether the room marks presence (every gateway reads marks).
+    presence_marks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn room() -> RoomId {
@@ -269,6 +271,7 @@ async fn harness_with(store: FakeStore, config: RoomConfig, multi_events: bool) 
     let node = NodeId::new("n1").unwrap();
     let (writer, _w) = crate::writer::spawn(store.clone(), node.clone(), Duration::from_secs(5));
     let (idle, idle_rx) = mpsc::channel(8);
+    let presence_marks = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let deps = RoomDeps {
         bus: Arc::new(bus.clone()),
         store: store.clone(),
@@ -281,6 +284,7 @@ async fn harness_with(store: FakeStore, config: RoomConfig, multi_events: bool) 
         leases: Arc::new(LeaseTable::default()),
         lease_ttl: Duration::from_secs(5),
         multi_events: Arc::new(multi_events.into()),
+        presence_marks: presence_marks.clone(),
     };
     let (handle, task) = spawn(room(), deps, CancellationToken::new());
     Harness {
@@ -292,6 +296,7 @@ async fn harness_with(store: FakeStore, config: RoomConfig, multi_events: bool) 
         replies,
         idle: idle_rx,
         seqs: Default::default(),
+        presence_marks,
     }
 }
 
@@ -703,13 +708,20 @@ async fn join_backlog_and_history_come_from_the_ring() {
         .unwrap()
         .unwrap();
     let (head, frames) = decode_reply(&m.payload).unwrap();
+    let ReplyHead::Joined {
+        last_seq,
+        members,
+        complete,
+        presence,
+    } = head
+    else {
+        panic!("joined expected, got {head:?}");
+    };
+    assert_eq!((last_seq, members, complete), (60, 1, true));
     assert_eq!(
-        head,
-        ReplyHead::Joined {
-            last_seq: 60,
-            members: 1,
-            complete: true
-        }
+        presence.map(|p| p.n),
+        Some(1),
+        "the joiner's own arrival counts"
     );
     let seqs: Vec<u64> = frames
         .iter()
@@ -1316,6 +1328,67 @@ async fn a_shard_past_the_threshold_during_the_settle_splits_the_room_again() {
         split.elapsed() >= SPLIT_SETTLE,
         "split again before the last one settled: {:?}",
         split.elapsed()
+    );
+    stop(h).await;
+}
+
+/// The next presence event: whose, and its mark.
+async fn next_presence(h: &mut Harness) -> (String, Option<PresenceMark>) {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), h.events.next())
+            .await
+            .expect("an event in time")
+            .expect("subscription open");
+        if let Event::Presence { user, mark, .. } = Event::decode(&m.payload).unwrap() {
+            return (user.as_str().to_owned(), mark);
+        }
+    }
+}
+
+/// The mark a `joined` answer carries.
+async fn joined_mark(h: &mut Harness) -> (u64, Option<PresenceMark>) {
+    match next_reply(h, Duration::from_secs(5)).await {
+        Some(ReplyHead::Joined {
+            members, presence, ..
+        }) => (members, presence),
+        other => panic!("joined expected, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn presence_is_marked_in_order_and_joined_counts_up_to_its_mark() {
+    let mut h = harness(FakeStore::default(), config()).await;
+    join(&h, "ann", 1, "reply");
+    let (user, ann_event) = next_presence(&mut h).await;
+    assert_eq!(user, "ann");
+    let (members, ann_joined) = joined_mark(&mut h).await;
+    assert_eq!(members, 1);
+    assert!(
+        ann_event.is_some() && ann_joined == ann_event,
+        "{ann_event:?} {ann_joined:?}"
+    );
+    join(&h, "bob", 2, "reply");
+    let (user, bob_event) = next_presence(&mut h).await;
+    assert_eq!(user, "bob");
+    let (members, bob_joined) = joined_mark(&mut h).await;
+    assert_eq!(members, 2);
+    assert!(bob_event > ann_event, "{bob_event:?} after {ann_event:?}");
+    assert_eq!(bob_joined, bob_event, "bob's joined counts his own arrival");
+    // A second connection of a user present already changes nothing.
+    join(&h, "bob", 3, "reply");
+    assert_eq!(joined_mark(&mut h).await, (2, bob_joined));
+    // While a gateway without marks is live, presence goes unmarked, and
+    // the count goes on, so no mark is ever given twice.
+    h.presence_marks
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    join(&h, "cy", 4, "reply");
+    assert_eq!(next_presence(&mut h).await, ("cy".to_owned(), None));
+    let (members, cy_joined) = joined_mark(&mut h).await;
+    assert_eq!(members, 3);
+    assert_eq!(
+        cy_joined.map(|m| m.n),
+        bob_event.map(|m| m.n + 1),
+        "{cy_joined:?}"
     );
     stop(h).await;
 }

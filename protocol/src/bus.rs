@@ -561,34 +561,22 @@ impl Event {
                     .ok_or(DecodeError::Framing)?;
                 Ok(Self::Shards { count })
             }
-            [b'p', b' ', user @ ..] => {
-                let user = std::str::from_utf8(user)
-                    .ok()
-                    .and_then(|u| UserId::new(u).ok())
-                    .ok_or(DecodeError::Framing)?;
-                Ok(Self::Presence {
-                    user,
-                    frame,
-                    mark: None,
-                })
-            }
-            [b'P', b' ', rest @ ..] => {
-                // `<epoch> <n> <user>`: the numbers hold no space, a user may.
+            [kind @ (b'p' | b'P'), b' ', rest @ ..] => {
                 let rest = std::str::from_utf8(rest).map_err(|_| DecodeError::Framing)?;
-                let mut parts = rest.splitn(3, ' ');
-                let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
-                let (Some(epoch), Some(n)) = (number(), number()) else {
-                    return Err(DecodeError::Framing);
+                // `P <epoch> <n> <user>`: the numbers hold no space, a user may.
+                let (mark, user) = if *kind == b'P' {
+                    let mut parts = rest.splitn(3, ' ');
+                    let mut number = || parts.next().and_then(|p| p.parse::<u64>().ok());
+                    let (Some(epoch), Some(n)) = (number(), number()) else {
+                        return Err(DecodeError::Framing);
+                    };
+                    let user = parts.next().ok_or(DecodeError::Framing)?;
+                    (Some(PresenceMark { epoch, n }), user)
+                } else {
+                    (None, rest)
                 };
-                let user = parts
-                    .next()
-                    .and_then(|u| UserId::new(u).ok())
-                    .ok_or(DecodeError::Framing)?;
-                Ok(Self::Presence {
-                    user,
-                    frame,
-                    mark: Some(PresenceMark { epoch, n }),
-                })
+                let user = UserId::new(user).map_err(|_| DecodeError::Framing)?;
+                Ok(Self::Presence { user, frame, mark })
             }
             [b'M', b' ', digits @ ..] => {
                 let first = std::str::from_utf8(digits)

@@ -258,8 +258,9 @@ struct RoomActor {
     stopping: bool,
     /// Lease epoch this actor serves under (0 before it holds one).
     epoch: u64,
-    /// Presence changes announced under this epoch: with it, the mark of
-    /// the last one ([`Self::presence_mark`]).
+    /// Presence changes this actor announced: with `epoch` (new for every
+    /// actor of the room), the mark of the last one
+    /// ([`Self::presence_mark`]).
     presence_n: u64,
     /// Fires when the lease renewal finds another node took the room.
     lease_lost: CancellationToken,

@@ -246,25 +246,25 @@ impl Report {
         let c = &self.config;
         let mut s = String::new();
         // Writing to a String cannot fail.
-        if c.scenario == Scenario::Idle {
-            let _ = writeln!(
-                s,
-                "chat-load {:?}: {} connections in {} room(s), pings only, {:.1} s measured",
-                c.scenario, self.conns, self.rooms, self.duration_secs
-            );
+        let load = if c.scenario == Scenario::Idle {
+            "pings only".to_string()
         } else {
-            let _ = writeln!(
-                s,
-                "chat-load {:?}: {} connections in {} room(s), {} sender(s) per room, {} msgs/s per room, {}-byte messages, {:.1} s measured",
-                c.scenario,
-                self.conns,
-                self.rooms,
+            format!(
+                "{} sender(s) per room, {} msgs/s per room, {}-byte messages",
                 self.senders_per_room,
-                if c.rate > 0.0 { format!("{}", c.rate) } else { "max".into() },
+                if c.rate > 0.0 {
+                    format!("{}", c.rate)
+                } else {
+                    "max".into()
+                },
                 c.message_bytes,
-                self.duration_secs
-            );
-        }
+            )
+        };
+        let _ = writeln!(
+            s,
+            "chat-load {:?}: {} connections in {} room(s), {load}, {:.1} s measured",
+            c.scenario, self.conns, self.rooms, self.duration_secs
+        );
         if !c.server_settings.is_empty() {
             let _ = writeln!(s, "server settings: {}", c.server_settings.join(" "));
         }

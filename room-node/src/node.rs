@@ -206,20 +206,20 @@ pub async fn serve(
                     let live = gateways.borrow_and_update();
                     (live.ids.clone(), !live.unbatched.is_empty(), !live.unmarked.is_empty())
                 };
-                if presence_marks.swap(!unmarked, Ordering::Relaxed) == unmarked {
-                    tracing::info!(
-                        presence_marks = !unmarked,
-                        "gateways without presence marks {}",
-                        if unmarked { "are live: presence goes unmarked" } else { "are gone: presence is marked" }
-                    );
-                }
-                if multi_events.swap(!unbatched, Ordering::Relaxed) == unbatched {
-                    tracing::info!(
-                        multi_events = !unbatched,
-                        "gateways of an older release {}",
-                        if unbatched { "are live: one event per message" } else { "are gone: one event per commit" }
-                    );
-                }
+                set_gateway_feature(
+                    &multi_events,
+                    !unbatched,
+                    "multi_events",
+                    "gateways of an older release are gone: one event per commit",
+                    "gateways of an older release are live: one event per message",
+                );
+                set_gateway_feature(
+                    &presence_marks,
+                    !unmarked,
+                    "presence_marks",
+                    "gateways without presence marks are gone: presence is marked",
+                    "gateways without presence marks are live: presence goes unmarked",
+                );
                 for gone in live_gateways.iter().filter(|g| !now.contains(g)) {
                     tracing::info!(gateway = %gone, "gateway gone: dropping its members from every room");
                     for e in rooms.values_mut() {
@@ -521,6 +521,14 @@ async fn answer(bus: &Arc<dyn Bus>, reply: Option<Reply>, head: &ReplyHead) {
         // Best effort: an unanswered request times out at the gateway,
         // which retries.
         let _ = to.send(bus, head, &[]).await;
+    }
+}
+
+/// Turns a bus feature on while every live gateway reads it and off while
+/// one that does not is live (rolling upgrades), logging each turn.
+fn set_gateway_feature(flag: &AtomicBool, on: bool, feature: &str, on_says: &str, off_says: &str) {
+    if flag.swap(on, Ordering::Relaxed) != on {
+        tracing::info!(feature, on, "{}", if on { on_says } else { off_says });
     }
 }
 
